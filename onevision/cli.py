@@ -1,0 +1,111 @@
+"""The `onevision` command: one CLI that dispatches to plain functions.
+
+    onevision recipe validate recipes/*.yaml
+    onevision recipe show recipes/tiny.yaml
+    onevision stack up [--state-dir DIR] [--s3-port 8333] [--mlflow-port 5000]
+    eval "$(onevision stack env)"
+    onevision stack status | down
+    onevision run recipes/tiny.yaml          # the whole flow locally, on the local stack
+
+Each subcommand imports its package inside the handler, so `onevision recipe ...` never loads torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from collections.abc import Sequence
+
+
+def _recipe_validate(args: argparse.Namespace) -> int:
+    from onevision.recipe import RecipeError, load_recipe
+
+    failed = 0
+    for path in args.files:
+        try:
+            recipe = load_recipe(path)
+            print(f"ok      {path}  ({recipe.name}, {len(recipe.stages.enabled())} stages, hash {recipe.hash()[:12]})")
+        except RecipeError as err:
+            failed += 1
+            print(f"INVALID {err}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _recipe_show(args: argparse.Namespace) -> int:
+    from onevision.recipe import RecipeError, dump_recipe, load_recipe
+
+    try:
+        print(dump_recipe(load_recipe(args.file)), end="")
+    except RecipeError as err:
+        print(err, file=sys.stderr)
+        return 1
+    return 0
+
+
+def _stack(args: argparse.Namespace) -> int:
+    from onevision import stack
+
+    try:
+        if args.action == "up":
+            info = stack.stack_up(args.state_dir, s3_port=args.s3_port, mlflow_port=args.mlflow_port)
+            print(f"S3 (SeaweedFS)  {info.s3_endpoint}   buckets: {', '.join(stack.BUCKETS)}")
+            print(f"MLflow UI       {info.mlflow_uri}")
+            print(f"state, logs     {info.state_dir}")
+            print('clients:        eval "$(onevision stack env)"')
+        elif args.action == "down":
+            stopped = stack.stack_down(args.state_dir)
+            print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+        elif args.action == "status":
+            print(json.dumps(stack.stack_status(args.state_dir), indent=1))
+        elif args.action == "env":
+            for key, value in stack.stack_info(args.state_dir).env().items():
+                print(f"export {key}={shlex.quote(value)}")
+    except stack.StackError as err:
+        print(f"stack {args.action}: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pipelines.local import run_local
+
+    run_local(args.recipe, state_dir=args.state_dir, run_id=args.run_id)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="onevision", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    recipe = sub.add_parser("recipe", help="validate or show recipes").add_subparsers(dest="action", required=True)
+    validate = recipe.add_parser("validate", help="validate recipe files; exit 1 if any is invalid")
+    validate.add_argument("files", nargs="+")
+    validate.set_defaults(handler=_recipe_validate)
+    show = recipe.add_parser("show", help="print the resolved recipe with defaults")
+    show.add_argument("file")
+    show.set_defaults(handler=_recipe_show)
+
+    stack = sub.add_parser("stack", help="the local S3 + MLflow stack on 127.0.0.1")
+    stack.add_argument("action", choices=["up", "down", "status", "env"])
+    stack.add_argument("--state-dir", default=None, help="pid files, logs, data (default .onevision/stack)")
+    stack.add_argument("--s3-port", type=int, default=8333, help="S3 port; SeaweedFS uses this and the next 9")
+    stack.add_argument("--mlflow-port", type=int, default=5000)
+    stack.set_defaults(handler=_stack)
+
+    run = sub.add_parser("run", help="run the whole flow locally on a recipe, on the local stack")
+    run.add_argument("recipe", nargs="?", default="recipes/tiny.yaml")
+    run.add_argument("--state-dir", default=None, help="local stack state dir (default .onevision/stack)")
+    run.add_argument("--run-id", default=None, help="pipeline run id; reuse one to resume (default: new)")
+    run.set_defaults(handler=_run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,339 @@
+"""The recipe: the single source of truth for one platform run.
+
+    onevision recipe validate recipes/*.yaml
+    onevision recipe show recipes/tiny.yaml
+
+A recipe YAML names the model, the four LLaVA-OneVision training stages (each with its trainable parts,
+learning rates, batch, visual-token budget and data mixture), the evaluation gate, the deployment targets
+and the cluster resources of every pipeline step. `load_recipe` validates it strictly: an unknown key, an
+unknown stage, a negative learning rate, a stage with nothing trainable or a mixture fraction over 100%
+fails with a message that names the offending field.
+
+A recipe may start with `extends: other.yaml` (a path relative to the file); the other file is loaded
+first and this one is deep-merged over it (mappings merge, everything else replaces).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+STAGE_NAMES = ("stage1", "stage1_5", "stage2_si", "stage2_ov")
+TRAINABLE_PARTS = ("projector", "vision_tower", "language_model")
+PIPELINE_STEPS = ("curate", *STAGE_NAMES, "evaluate", "register", "export", "deploy")
+
+_SAMPLING = re.compile(r"^(all|(first|end|random):(\d+)(%?))$")
+_GRID = re.compile(r"^\((\d+)x(\d+)\)(?:,\.\.\.,\((\d+)x(\d+)\))?$")
+_ASPECT = re.compile(r"^(square|anyres|anyres_max_(\d+))$")
+
+
+class RecipeError(ValueError):
+    """A recipe failed to load or validate; the message names every offending field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TinyModelSpec(_Strict):
+    """Sizes of the random offline model built from config (the CPU preset)."""
+
+    vision_hidden_size: int = Field(64, gt=0)
+    vision_layers: int = Field(2, gt=0)
+    vision_heads: int = Field(4, gt=0)
+    text_hidden_size: int = Field(128, gt=0)
+    text_layers: int = Field(4, gt=0)
+    text_heads: int = Field(4, gt=0)
+    text_kv_heads: int = Field(2, gt=0)
+    vocab_size: int = Field(560, gt=0)
+    # STACK_NOTES: at the default 0.02 the tiny model never learned the option-letter mapping.
+    text_initializer_range: float = Field(0.1, gt=0)
+
+
+class ModelSpec(_Strict):
+    """What to build: a vision tower + LLM composed fresh, an existing OV checkpoint, or the tiny preset.
+
+    Sources are hub ids, local paths or `s3://` prefixes; `tiny` builds everything offline from config.
+    """
+
+    vision_tower: str
+    llm: str
+    init_from: str | None = None  # an existing LLaVA-OneVision HF checkpoint to continue from
+    projector_type: Literal["mlp2x_gelu"] = "mlp2x_gelu"
+    image_size: int = Field(384, gt=0)  # SigLIP so400m-patch14-384: one tile is 384 px
+    patch_size: int = Field(14, gt=0)
+    vision_feature_layer: int = -1
+    tiny: TinyModelSpec | None = None
+
+    @model_validator(mode="after")
+    def _tiny_needs_sizes(self) -> ModelSpec:
+        if (self.vision_tower == "tiny") != (self.llm == "tiny"):
+            raise ValueError("vision_tower and llm must both be 'tiny' or both be real sources")
+        if self.vision_tower == "tiny" and self.tiny is None:
+            raise ValueError("tiny: sizes are required when vision_tower and llm are 'tiny'")
+        return self
+
+    @property
+    def tokens_per_tile(self) -> int:
+        return (self.image_size // self.patch_size) ** 2  # 384/14 -> 27x27 = 729
+
+
+class DataSource(_Strict):
+    """One entry of a LLaVA-NeXT style data mixture (`json_path` + `sampling_strategy`), seeded."""
+
+    json_path: str | None = None  # LLaVA-format JSON/JSONL: local path or s3://
+    dataset_uri: str | None = None  # a dataset: hf://datasets/<id>[/<config>], s3:// prefix, or synthetic://<kind>
+    media_root: str | None = None  # where relative image/video paths resolve
+    sampling_strategy: str = "all"  # all | first:N | end:N | random:N, N a count or a percentage
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> DataSource:
+        if (self.json_path is None) == (self.dataset_uri is None):
+            raise ValueError("give exactly one of json_path or dataset_uri")
+        return self
+
+    @field_validator("sampling_strategy")
+    @classmethod
+    def _check_sampling(cls, value: str) -> str:
+        match = _SAMPLING.match(value)
+        if not match:
+            raise ValueError(f"{value!r} is not all, first:N, end:N or random:N (N a count or N%)")
+        if match.group(3) is not None:
+            n, percent = int(match.group(3)), match.group(4) == "%"
+            if n <= 0:
+                raise ValueError(f"{value!r}: N must be positive")
+            if percent and n > 100:
+                raise ValueError(f"{value!r}: a mixture fraction cannot exceed 100%")
+        return value
+
+
+class StageSpec(_Strict):
+    """One training stage. Learning rates: `lr` for projector and LLM, `vision_tower_lr` for the ViT."""
+
+    trainable: list[Literal["projector", "vision_tower", "language_model"]] = Field(min_length=1)
+    lr: float = Field(gt=0)
+    vision_tower_lr: float | None = Field(None, gt=0)
+    global_batch_size: int = Field(gt=0)
+    per_device_batch_size: int = Field(1, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0)  # caps the stage (tiny runs); None = epochs decide
+    image_aspect_ratio: str = "anyres_max_9"  # square (base tile only) | anyres | anyres_max_N
+    grid_pinpoints: str | None = None  # LLaVA-NeXT notation "(1x1),...,(6x6)", in tiles
+    max_visual_tokens: int = Field(gt=0)
+    video_frames: int | None = Field(None, gt=0)  # frames_upbound; None = no video in this stage
+    model_max_length: int = Field(gt=0)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    data: list[DataSource] = Field(min_length=1)
+
+    @field_validator("trainable")
+    @classmethod
+    def _unique_parts(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"duplicate trainable part in {value}")
+        return value
+
+    @field_validator("image_aspect_ratio")
+    @classmethod
+    def _check_aspect(cls, value: str) -> str:
+        if not _ASPECT.match(value):
+            raise ValueError(f"{value!r} is not square, anyres or anyres_max_N")
+        return value
+
+    @field_validator("grid_pinpoints")
+    @classmethod
+    def _check_grid(cls, value: str | None) -> str | None:
+        if value is not None:
+            grid = _GRID.match(value.replace(" ", ""))
+            if not grid or any(g == "0" for g in grid.groups() if g is not None):
+                raise ValueError(f"{value!r} is not '(AxB)' or '(AxB),...,(CxD)' with positive sizes")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> StageSpec:
+        if self.image_aspect_ratio != "square" and self.grid_pinpoints is None:
+            raise ValueError(f"grid_pinpoints is required with image_aspect_ratio {self.image_aspect_ratio}")
+        if "vision_tower" in self.trainable and self.vision_tower_lr is None:
+            raise ValueError("vision_tower_lr is required when the vision tower is trainable")
+        return self
+
+    def grid_pinpoints_pixels(self, tile_size: int) -> list[list[int]]:
+        """Expand "(1x1),...,(6x6)" into [[384, 384], [384, 768], ...] as LLaVA-NeXT does."""
+        if self.grid_pinpoints is None:
+            return [[tile_size, tile_size]]
+        a, b, c, d = _GRID.match(self.grid_pinpoints.replace(" ", "")).groups()
+        c, d = (c or a), (d or b)
+        return [
+            [i * tile_size, j * tile_size]
+            for i in range(int(a), int(c) + 1)
+            for j in range(int(b), int(d) + 1)
+        ]
+
+
+class Stages(_Strict):
+    """The four published stages; a recipe may leave any of them out (e.g. to continue from a checkpoint)."""
+
+    stage1: StageSpec | None = None
+    stage1_5: StageSpec | None = None
+    stage2_si: StageSpec | None = None
+    stage2_ov: StageSpec | None = None
+
+    def enabled(self) -> list[tuple[str, StageSpec]]:
+        return [(name, spec) for name in STAGE_NAMES if (spec := getattr(self, name)) is not None]
+
+
+class TrainingSpec(_Strict):
+    """Settings shared by every stage."""
+
+    seed: int = 42
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    gradient_checkpointing: bool = True
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    save_every_steps: int = Field(500, gt=0)
+
+
+class EvalTask(_Strict):
+    """One lmms-eval task; the gate passes when every task's metric reaches its threshold."""
+
+    name: str
+    metric: str
+    threshold: float | None = None  # None: reported, not gated
+    limit: int | None = Field(None, gt=0)  # samples per task (tiny runs)
+
+
+class EvaluationSpec(_Strict):
+    after_stages: list[Literal["stage1", "stage1_5", "stage2_si", "stage2_ov"]] = ["stage2_si", "stage2_ov"]
+    tasks: list[EvalTask] = Field(min_length=1)
+    batch_size: int = Field(1, gt=0)
+
+
+class DeployTarget(_Strict):
+    kind: Literal["kserve", "triton", "kserve-hf"]
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)
+    namespace: str = "onevision"
+    canary_percent: int = Field(0, ge=0, le=100)
+    gpus: int = Field(0, ge=0)
+    max_batch_size: int = Field(8, gt=0)
+
+
+class Toleration(_Strict):
+    key: str
+    operator: Literal["Equal", "Exists"] = "Exists"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+
+
+class StepResources(_Strict):
+    """What one pipeline step asks of the cluster."""
+
+    gpus: int = Field(0, ge=0)
+    nodes: int = Field(1, gt=0)  # >1: the train step runs a Kubeflow Trainer TrainJob
+    cpu: str = "2"
+    memory: str = "8Gi"
+    accelerator_type: str | None = None  # e.g. nvidia.com/gpu
+    node_selector: dict[str, str] = {}
+    tolerations: list[Toleration] = []
+
+
+class ClusterSpec(_Strict):
+    image: str = "ghcr.io/onevision/platform:latest"
+    namespace: str = "kubeflow"
+    storage_bucket: str = "onevision"
+    s3_secret: str = "onevision-s3"  # name of a Kubernetes Secret; credentials are never inlined
+    steps: dict[str, StepResources] = {}
+
+    @field_validator("steps")
+    @classmethod
+    def _known_steps(cls, value: dict[str, StepResources]) -> dict[str, StepResources]:
+        unknown = sorted(set(value) - set(PIPELINE_STEPS))
+        if unknown:
+            raise ValueError(f"unknown pipeline step(s) {unknown}; known: {list(PIPELINE_STEPS)}")
+        return value
+
+    def resources(self, step: str) -> StepResources:
+        return self.steps.get(step, StepResources())
+
+
+class Recipe(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9][-a-z0-9_.]*$")
+    description: str = ""
+    model: ModelSpec
+    training: TrainingSpec = TrainingSpec()
+    stages: Stages
+    evaluation: EvaluationSpec
+    deploy: list[DeployTarget] = []
+    cluster: ClusterSpec = ClusterSpec()
+
+    @model_validator(mode="after")
+    def _some_stage(self) -> Recipe:
+        if not self.stages.enabled() and self.model.init_from is None:
+            raise ValueError("stages: at least one stage is required unless model.init_from is set")
+        return self
+
+    def hash(self) -> str:
+        """sha256 of the resolved recipe (canonical JSON): the lineage key of every artifact."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise RecipeError(f"{path}: 'extends' cycle through {[str(p) for p in seen]}")
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise RecipeError(f"recipe file not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(doc, dict):
+        raise RecipeError(f"{path}: a recipe must be a YAML mapping, got {type(doc).__name__}")
+    parent = doc.pop("extends", None)
+    if parent is None:
+        return doc
+    return _deep_merge(_read_yaml(path.parent / parent, (*seen, path)), doc)
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    lines = [f"{source}: invalid recipe ({err.error_count()} error(s))"]
+    for item in err.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "<root>"
+        message = "unknown field" if item["type"] == "extra_forbidden" else item["msg"]
+        lines.append(f"  {field}: {message}")
+    return "\n".join(lines)
+
+
+def parse_recipe(doc: dict[str, Any], source: str = "<recipe>") -> Recipe:
+    """Validate an already-loaded mapping; raises RecipeError naming each offending field."""
+    try:
+        return Recipe.model_validate(doc)
+    except ValidationError as err:
+        raise RecipeError(_format_errors(source, err)) from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read, resolve `extends`, and validate a recipe file."""
+    return parse_recipe(_read_yaml(Path(path)), str(path))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe, defaults included, as YAML."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

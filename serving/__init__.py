@@ -1,0 +1,1 @@
+"""One inference engine behind KServe and Triton."""
