@@ -131,10 +131,12 @@ def _s3_ready(info: StackInfo) -> bool:
     """Ready means a signed PUT into every bucket succeeds, not merely that the port answers."""
     import io
 
+    import urllib3
     from minio import Minio
 
     client = Minio(info.s3_endpoint.split("://", 1)[1], access_key=info.access_key,
-                   secret_key=info.secret_key, secure=False, region="us-east-1")
+                   secret_key=info.secret_key, secure=False, region="us-east-1",
+                   http_client=urllib3.PoolManager(retries=False, timeout=5))
     for bucket in BUCKETS:
         if not client.bucket_exists(bucket):
             client.make_bucket(bucket)
@@ -211,13 +213,20 @@ def stack_status(state_dir: str | os.PathLike[str] | None = None) -> dict[str, o
 
 
 def stack_up(state_dir: str | os.PathLike[str] | None = None, s3_port: int = 8333,
-             mlflow_port: int = 5000, timeout: float = 120.0) -> StackInfo:
-    """Start (or find running) SeaweedFS S3 and MLflow on loopback and wait until both really serve."""
+             mlflow_port: int = 5000, timeout: float = 120.0,
+             services: tuple[str, ...] = ("s3", "mlflow")) -> StackInfo:
+    """Start (or find running) SeaweedFS S3 and MLflow on loopback and wait until both really serve.
+
+    `services=("s3",)` starts the S3 store alone (MLflow needs it, not the other way round).
+    """
+    unknown = set(services) - set(_MARKERS)
+    if unknown or "s3" not in services:
+        raise StackError(f"services must include 's3' and be among {sorted(_MARKERS)}, got {services}")
     state = Path(state_dir).absolute() if state_dir else default_state_dir()
     state.mkdir(parents=True, exist_ok=True)
     previous = _read_info(state)
     status = stack_status(state)
-    if previous and status["s3"]["running"] and status["mlflow"]["running"]:  # type: ignore[index]
+    if previous and any(status[name]["running"] for name in _MARKERS):  # type: ignore[index]
         s3_port = int(previous.s3_endpoint.rsplit(":", 1)[1])
         mlflow_port = int(previous.mlflow_uri.rsplit(":", 1)[1])
     access, secret = _credentials(state)
@@ -229,6 +238,8 @@ def stack_up(state_dir: str | os.PathLike[str] | None = None, s3_port: int = 833
     if not (s3_pid and _alive(s3_pid, "weed")):
         s3_pid = _start_s3(state, info, s3_port)
     _wait("SeaweedFS S3", lambda: _s3_ready(info), timeout, s3_pid, "weed", state / "logs" / "s3.log")
+    if "mlflow" not in services:
+        return info
 
     ml_pid = _pid(state, "mlflow")
     if not (ml_pid and _alive(ml_pid, "mlflow")):

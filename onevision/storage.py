@@ -113,10 +113,11 @@ def _client(endpoint: str, access_key: str, secret_key: str, region: str) -> Any
 
 def s3_client() -> Any:
     """A minio client for the endpoint and credentials in the environment (cached per settings)."""
+    endpoint = s3_endpoint()
     key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
     if not key or not secret:
         raise StorageError("no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
-    return _client(s3_endpoint(), key, secret, os.environ.get("AWS_REGION", "us-east-1"))
+    return _client(endpoint, key, secret, os.environ.get("AWS_REGION", "us-east-1"))
 
 
 _TRANSIENT_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "XMinioServerNotInitialized"}
@@ -243,10 +244,6 @@ def exists(uri: str) -> bool:
         return True
     except StorageNotFoundError:
         return bool(list_uris(uri, limit=1))
-    except StorageError as err:
-        if "NoSuchKey" in str(err) or "Not Found" in str(err):  # HEAD errors carry no body
-            return bool(list_uris(uri, limit=1))
-        raise
 
 
 def list_uris(prefix: str, limit: int | None = None) -> list[str]:

@@ -1,0 +1,69 @@
+"""Shared fixtures. Tests under tests/integration and tests/e2e get their marker from their folder.
+
+    make test                                        # everything
+    pytest -m "not integration and not e2e"          # fast feedback, no services
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Fail fast against the local stack instead of MLflow's minutes of default retries.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        parts = Path(str(item.fspath)).relative_to(ROOT / "tests").parts
+        if parts[0] in ("integration", "e2e"):
+            item.add_marker(getattr(pytest.mark, parts[0]))
+
+
+def free_port_block(size: int) -> int:
+    """A base port such that base..base+size-1 are all free on 127.0.0.1."""
+    for _ in range(200):
+        base = random.randrange(20000, 40000)
+        sockets = []
+        try:
+            for port in range(base, base + size):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError(f"no block of {size} free ports found")
+
+
+@pytest.fixture(scope="session")
+def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """The real local stack (SeaweedFS S3 + MLflow), once per test session, env pointed at it."""
+    from onevision import stack
+
+    state = tmp_path_factory.mktemp("stack")
+    info = stack.stack_up(state, s3_port=free_port_block(10), mlflow_port=free_port_block(1))
+    saved = {k: os.environ.get(k) for k in info.env()}
+    os.environ.update(info.env())
+    try:
+        yield info
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        stack.stack_down(state)
