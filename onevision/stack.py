@@ -101,23 +101,24 @@ def _credentials(state: Path) -> tuple[str, str]:
     return access, secret
 
 
-def _spawn(state: Path, name: str, argv: list[str], env: dict[str, str]) -> int:
+def _spawn(state: Path, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
     logs = state / "logs"
     logs.mkdir(exist_ok=True)
     with open(logs / f"{name}.log", "ab") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env={**os.environ, **env}, cwd=state, start_new_session=True)
     (state / f"{name}.pid").write_text(str(proc.pid))
-    return proc.pid
+    return proc
 
 
-def _wait(what: str, check, timeout: float, pid: int, marker: str, log: Path) -> None:
+def _wait(what: str, check, timeout: float, proc: subprocess.Popen | None, log: Path) -> None:
+    """Poll `check` until it passes; fail early if the process we started has exited."""
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     while time.monotonic() < deadline:
-        if not _alive(pid, marker):
+        if proc is not None and proc.poll() is not None:
             tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-            raise StackError(f"{what} exited during start-up; last log lines:\n{tail}")
+            raise StackError(f"{what} exited during start-up (code {proc.returncode}); last log lines:\n{tail}")
         try:
             if check():
                 return
@@ -150,7 +151,7 @@ def _mlflow_ready(info: StackInfo) -> bool:
         return response.status == 200
 
 
-def _start_s3(state: Path, info: StackInfo, s3_port: int) -> int:
+def _start_s3(state: Path, info: StackInfo, s3_port: int) -> subprocess.Popen:
     ports = dict(zip(
         ["s3.port", "master.port", "volume.port", "filer.port", "master.port.grpc", "volume.port.grpc",
          "filer.port.grpc", "s3.port.grpc", "admin.port", "admin.port.grpc"],
@@ -172,7 +173,7 @@ def _start_s3(state: Path, info: StackInfo, s3_port: int) -> int:
     return _spawn(state, "s3", argv, {})
 
 
-def _start_mlflow(state: Path, info: StackInfo, mlflow_port: int) -> int:
+def _start_mlflow(state: Path, info: StackInfo, mlflow_port: int) -> subprocess.Popen:
     if not _port_free(mlflow_port):
         raise StackError(f"port {mlflow_port} in use on {HOST}; choose another --mlflow-port")
     argv = [_bin("mlflow"), "server", "--host", HOST, "--port", str(mlflow_port),
@@ -234,17 +235,17 @@ def stack_up(state_dir: str | os.PathLike[str] | None = None, s3_port: int = 833
     (state / "stack.json").write_text(json.dumps(asdict(info), indent=1))
     (state / "stack.json").chmod(0o600)
 
-    s3_pid = _pid(state, "s3")
+    s3_pid, s3_proc = _pid(state, "s3"), None
     if not (s3_pid and _alive(s3_pid, "weed")):
-        s3_pid = _start_s3(state, info, s3_port)
-    _wait("SeaweedFS S3", lambda: _s3_ready(info), timeout, s3_pid, "weed", state / "logs" / "s3.log")
+        s3_proc = _start_s3(state, info, s3_port)
+    _wait("SeaweedFS S3", lambda: _s3_ready(info), timeout, s3_proc, state / "logs" / "s3.log")
     if "mlflow" not in services:
         return info
 
-    ml_pid = _pid(state, "mlflow")
+    ml_pid, ml_proc = _pid(state, "mlflow"), None
     if not (ml_pid and _alive(ml_pid, "mlflow")):
-        ml_pid = _start_mlflow(state, info, mlflow_port)
-    _wait("MLflow server", lambda: _mlflow_ready(info), timeout, ml_pid, "mlflow", state / "logs" / "mlflow.log")
+        ml_proc = _start_mlflow(state, info, mlflow_port)
+    _wait("MLflow server", lambda: _mlflow_ready(info), timeout, ml_proc, state / "logs" / "mlflow.log")
     return info
 
 

@@ -1,0 +1,78 @@
+"""Collation, packing (same per-token loss as padding) and the modality-length sampler."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.batching import Collator, ModalityLengthGroupedSampler, collate_packed, pack_greedy
+from model.processing import SampleProcessor
+
+
+def _items(processor, media_dir):
+    sp = SampleProcessor(processor, "qwen_1_5", 4096, video_frames=4, media_root=media_dir)
+    q = lambda ph, a: [{"from": "human", "value": f"{ph}What is shown?"}, {"from": "gpt", "value": a}]  # noqa: E731
+    return [sp({"id": "a", "image": "100x200.png", "conversations": q("<image>\n", "a red square")}),
+            sp({"id": "b", "conversations": q("", "nothing at all, only text")}),
+            sp({"id": "c", "image": ["56x56.png", "90x60.png"], "conversations": q("<image><image>\n", "two")}),
+            sp({"id": "d", "video": "clip.mp4", "conversations": q("<video>\n", "a moving blue bar")}),
+            sp({"id": "e", "image": "57x300.png", "conversations": q("<image>\n", "red")})]
+
+
+def test_packed_loss_equals_padded_loss(tiny, media_dir) -> None:
+    model, processor = tiny
+    model.eval()
+    items = _items(processor, media_dir)
+    padded = Collator(processor.tokenizer.pad_token_id)(items)
+    groups = pack_greedy(items, max_length=max(len(i) for i in items) + 40)
+    assert len(groups) < len(items), "something was actually packed"
+    packed = collate_packed(groups, processor.tokenizer.pad_token_id)
+    assert packed["input_ids"].numel() < padded["input_ids"].numel()
+    with torch.no_grad():
+        loss_padded = model(**padded, use_cache=False).loss
+        loss_packed = model(**packed, use_cache=False).loss
+        # the first label of each sample is ignored when packed; ignore it when padded too
+        for row, item in enumerate(items):
+            padded["labels"][row, 0] = -100
+        loss_padded_same = model(**padded, use_cache=False).loss
+    assert torch.allclose(loss_packed, loss_padded_same, atol=1e-5), (loss_packed, loss_padded_same)
+    assert torch.isfinite(loss_padded)
+
+
+def test_packing_blocks_cross_sample_attention(tiny, media_dir) -> None:
+    """Changing one packed sample must not change the logits of its neighbour."""
+    model, processor = tiny
+    model.eval()
+    a, b = _items(processor, media_dir)[:2]
+    b2 = type(b)(b.id, b.input_ids.flip(0), b.labels)
+    with torch.no_grad():
+        one = model(**collate_packed([[a, b]], processor.tokenizer.pad_token_id), use_cache=False).logits
+        two = model(**collate_packed([[a, b2]], processor.tokenizer.pad_token_id), use_cache=False).logits
+    assert torch.allclose(one[0, : len(a)], two[0, : len(a)], atol=1e-5)
+
+
+def test_pack_greedy_respects_the_limit() -> None:
+    class Item:
+        def __init__(self, n): self.n = n
+        def __len__(self): return self.n
+    groups = pack_greedy([Item(n) for n in (90, 50, 40, 30, 10, 120)], max_length=100)
+    assert sorted(sum(len(i) for i in g) for g in groups) == [90, 100, 120] or \
+        all(sum(len(i) for i in g) <= 100 or len(g) == 1 for g in groups)
+    assert sum(len(g) for g in groups) == 6
+
+
+def test_sampler_groups_by_modality_and_is_seeded() -> None:
+    lengths = [10, 200, 30, 400, 50, 60, 700, 80, 90, 15, 25, 35]
+    visual = [i % 3 != 0 for i in range(12)]
+    sampler = ModalityLengthGroupedSampler(lengths, visual, batch_size=2, world_size=2, seed=3)
+    order = list(sampler)
+    assert sorted(order) == list(range(12))
+    for start in range(0, 12, 4):
+        megabatch = order[start: start + 4]
+        assert len({visual[i] for i in megabatch}) == 1, "one modality per megabatch"
+        assert [lengths[i] for i in megabatch] == sorted((lengths[i] for i in megabatch), reverse=True)
+    assert list(ModalityLengthGroupedSampler(lengths, visual, 2, 2, seed=3)) == order
+    sampler.set_epoch(1)
+    assert list(sampler) != order
+    with pytest.raises(ValueError):
+        ModalityLengthGroupedSampler([1, 2], [True], 1)

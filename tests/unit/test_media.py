@@ -1,0 +1,76 @@
+"""Real-world image files: every PIL mode, EXIF orientation, animated GIFs, bombs and garbage."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from model import media
+
+
+def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("mode,fmt", [("L", "PNG"), ("LA", "PNG"), ("P", "PNG"), ("RGBA", "PNG"),
+                                      ("CMYK", "JPEG"), ("I;16", "PNG"), ("RGB", "WEBP"), ("1", "BMP")])
+def test_every_mode_becomes_rgb(mode: str, fmt: str) -> None:
+    image = Image.new("RGB", (40, 30), (200, 40, 40)).convert(mode) if mode != "I;16" else \
+        Image.fromarray(np.arange(1200, dtype=np.uint16).reshape(30, 40) * 50)
+    out = media.decode_image(_encode(image, fmt), f"x.{fmt.lower()}")
+    assert out.mode == "RGB" and out.size == (40, 30)
+
+
+def test_16_bit_grey_keeps_its_range() -> None:
+    ramp = Image.fromarray((np.arange(256, dtype=np.uint16) * 256).reshape(16, 16))
+    out = np.asarray(media.decode_image(_encode(ramp, "PNG")))
+    assert out.min() == 0 and out.max() == 255  # scaled, not clipped to white
+
+
+def test_transparency_composited_on_white() -> None:
+    image = Image.new("RGBA", (10, 10), (0, 0, 0, 0))
+    image.putpixel((5, 5), (255, 0, 0, 255))
+    out = media.decode_image(_encode(image, "PNG"))
+    assert out.getpixel((0, 0)) == (255, 255, 255) and out.getpixel((5, 5)) == (255, 0, 0)
+
+
+def test_exif_orientation_is_applied() -> None:
+    image = Image.new("RGB", (60, 20), (0, 200, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    out = media.decode_image(_encode(image, "JPEG", exif=exif.tobytes()))
+    assert out.size == (20, 60)
+
+
+def test_animated_gif_gives_first_frame() -> None:
+    frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 0, 255))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    out = media.decode_image(buffer.getvalue(), "anim.gif")
+    r, g, b = out.getpixel((8, 8))
+    assert r > 200 and b < 50
+
+
+def test_garbage_and_bombs_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(media.MediaError, match="bad.png: not a decodable image"):
+        media.decode_image(b"not an image at all", "bad.png")
+    truncated = _encode(Image.new("RGB", (64, 64), (1, 2, 3)), "PNG")[:60]
+    with pytest.raises(media.MediaError, match="cut.png"):
+        media.decode_image(truncated, "cut.png")
+    monkeypatch.setattr(media, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(media.MediaError, match="exceeds 100 pixels"):
+        media.decode_image(_encode(Image.new("RGB", (11, 10)), "PNG"), "big.png")
+
+
+def test_video_uniform_sampling(media_dir) -> None:
+    frames = media.load_video(media_dir / "clip.mp4", num_frames=4)
+    assert frames.shape == (4, 48, 64, 3) and frames.dtype == np.uint8
+    assert list(media.uniform_indices(12, 4)) == [0, 4, 7, 11]
+    assert list(media.uniform_indices(2, 4)) == [0, 0, 1, 1]  # short videos repeat frames to stack
+    with pytest.raises(media.MediaError, match="not a decodable video"):
+        media.load_video("x.mp4", 4, data=b"\x00" * 100)

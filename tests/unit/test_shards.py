@@ -1,0 +1,47 @@
+"""Training shards: write LLaVA records + media as tar shards, read them back at random."""
+
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+import torch
+
+from model.processing import SampleProcessor
+from model.shards import ShardDataset, open_shards, write_shards
+
+
+def _records(media_dir: Path):
+    q = lambda ph: [{"from": "human", "value": f"{ph}What is it?"}, {"from": "gpt", "value": "red"}]  # noqa: E731
+    records = [{"id": f"img/{i}.x", "image": "100x200.png", "conversations": q("<image>\n")} for i in range(5)]
+    records.append({"id": "multi", "image": ["56x56.png", "90x60.png"], "conversations": q("<image><image>\n")})
+    records.append({"id": "vid", "video": "clip.mp4", "conversations": q("<video>\n")})
+    records.append({"id": "text", "conversations": q("")})
+    for record in records:
+        paths = [record[k] for k in ("image", "video") if k in record]
+        flat = [p for v in paths for p in ([v] if isinstance(v, str) else v)]
+        yield record, {p: (media_dir / p).read_bytes() for p in flat}
+
+
+def test_shards_round_trip_to_the_same_model_inputs(tiny, media_dir: Path, tmp_path: Path) -> None:
+    _, processor = tiny
+    shards = write_shards(_records(media_dir), tmp_path / "shards", max_per_shard=3)
+    assert len(shards) == 3
+    with tarfile.open(shards[0]) as tar:
+        names = tar.getnames()
+    assert all(name.count(".") >= 1 and "/" not in name.split(".")[0] for name in names)
+
+    sp = SampleProcessor(processor, "qwen_1_5", 4096, video_frames=4, media_root=media_dir)
+    dataset = ShardDataset(open_shards(str(tmp_path / "shards")), sp)
+    assert len(dataset) == 8
+    originals = {r["id"]: r for r, _ in _records(media_dir)}
+    for index in (7, 0, 5, 6):  # random access, any order
+        from_shard = dataset[index]
+        direct = sp(originals[from_shard.id])
+        assert torch.equal(from_shard.input_ids, direct.input_ids)
+        assert all(torch.equal(a, b) for a, b in zip(from_shard.pixel_values, direct.pixel_values))
+        assert len(from_shard.pixel_values_videos) == len(direct.pixel_values_videos)
+        assert all(torch.equal(a, b) for a, b in zip(from_shard.pixel_values_videos, direct.pixel_values_videos))
+    lengths, visual = dataset.lengths()
+    assert visual == [True] * 7 + [False]
+    assert lengths[5] > lengths[7]  # two images outweigh text
