@@ -8,7 +8,7 @@ plain light background, at sizes from 56 to 224 px so that AnyRes tiling is exer
 one JSON list in the LLaVA-NeXT / LLaVA-OneVision-Data format (`image` / `video` paths relative to
 the output dir, `conversations` human/gpt, `<image>` / `<video>` placeholders), plus a `meta` dict
 for evaluation: `task`, `answer`, `chance`, and for multiple choice `choices` and `answer_text`.
-Recipes name a kind as `synthetic://shapes/<kind>`. Same seed -> byte-identical JSON, PNG and MP4.
+Recipes name a kind as `synthetic://shapes/<kind>`. Same seed -> byte-identical JSON and PNG, and MP4s that decode to identical frames.
 
 Videos are H.264 MP4 (libx264, yuv420p) written with PyAV; where that encoder is missing it falls
 back to MPEG-4 part 2, then to an animated GIF (PyAV decodes all three). `world.json` records which.
@@ -263,12 +263,14 @@ def _encode(codec: str, frames: list[np.ndarray]) -> bytes:
                     duration=1000 // VIDEO_FPS, loop=0)
         return buf.getvalue()
     h, w = frames[0].shape[:2]
-    with av.open(buf, "w", format="mp4") as container:
+    with av.open(buf, "w", format="mp4", container_options={"fflags": "+bitexact"}) as container:
         stream = container.add_stream(codec, rate=VIDEO_FPS)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.codec_context.thread_count = 1  # one thread: byte-identical output run to run
+        stream.codec_context.thread_count = 1
         if codec == "libx264":
-            stream.options = {"crf": "18", "preset": "veryfast"}  # near-lossless colours, fast
+            # near-lossless colours, fast. x264's bitstream still varies between runs in one process;
+            # the decoded frames do not, and those are what determinism means here.
+            stream.options = {"crf": "18", "preset": "veryfast", "threads": "1"}
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())

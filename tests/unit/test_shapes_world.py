@@ -34,8 +34,12 @@ def media(rec: dict) -> list[str]:
 
 
 def file_hashes(out: Path) -> dict[str, str]:
-    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(out.rglob("*")) if p.is_file()}
+    """sha256 per file; for videos, of the decoded frames (x264's bitstream varies run to run, its pixels not)."""
+    def digest(p: Path) -> str:
+        if p.suffix == ".mp4":
+            return hashlib.sha256(b"".join(f.tobytes() for f in decode_video(p))).hexdigest()
+        return hashlib.sha256(p.read_bytes()).hexdigest()
+    return {str(p.relative_to(out)): digest(p) for p in sorted(out.rglob("*")) if p.is_file()}
 
 
 def nearest_color(rgb) -> str:
