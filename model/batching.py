@@ -30,10 +30,9 @@ def _visual_fields(items: Sequence[ProcessedSample], square: bool) -> dict[str, 
     out: dict[str, Any] = {}
     images = [pv for item in items for pv in item.pixel_values]
     if images:
-        most = max(pv.shape[0] for pv in images)
-        # (N_images, max_patches, 3, S, S); the model slices each back to its own patch count.
-        out["pixel_values"] = torch.stack([
-            torch.cat([pv, pv.new_zeros(most - pv.shape[0], *pv.shape[1:])]) for pv in images])
+        # (sum of patches, 3, S, S): patches concatenated, not padded to the longest image as the stock
+        # processor's 5-D batch is; the model splits them back by image_sizes (no copy of zeros).
+        out["pixel_values"] = torch.cat(images)
         out["image_sizes"] = torch.tensor([size for item in items for size in item.image_sizes], dtype=torch.long)
         counts = [len(item.pixel_values) for item in items if item.pixel_values]
         if square:
