@@ -22,7 +22,7 @@ DEFAULT_SYSTEM = "You are a helpful assistant."
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 OPTION_LETTER = "Answer with the option's letter from the given choices directly."
 Template = Literal["plain", "qwen_1_5"]
-_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -50,7 +50,7 @@ def normalise_turns(conversations: Any) -> list[tuple[str, str]]:
     for i, turn in enumerate(conversations):
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
             raise ConversationError(f"turn {i} is not {{'from': ..., 'value': str}}")
-        role = _ROLES.get(str(turn.get("from", "")).lower())
+        role = ROLES.get(str(turn.get("from", "")).lower())
         if role is None:
             raise ConversationError(f"turn {i} has unknown role {turn.get('from')!r}")
         turns.append((role, turn["value"]))

@@ -127,6 +127,10 @@ class SampleProcessor:
             segments = chat.render_segments(conversations, self.template)
         except chat.ConversationError as err:
             raise SampleError(sample_id, str(err)) from None
+        return self._truncate(self._process(sample_id, sample, conversations, segments, media))
+
+    def _process(self, sample_id: str, sample: dict[str, Any], conversations: Any,
+                 segments: list[tuple[str, bool]], media: Mapping[str, bytes] | None) -> ProcessedSample:
         image_paths, video_paths = _as_list(sample.get("image") or sample.get("images")), _as_list(sample.get("video"))
         n_image_ph, n_video_ph = chat.count_placeholders(conversations)
         if n_image_ph != len(image_paths):
@@ -147,9 +151,21 @@ class SampleProcessor:
             raise SampleError(sample_id, str(err)) from None
         visual, image_counts, video_counts = self.visual_inputs(sample_id, images, videos)
         ids, labels = self._tokenize(segments, image_counts, video_counts)
-        item = ProcessedSample(sample_id, ids, labels, visual["pixel_values"], visual["image_sizes"],
+        return ProcessedSample(sample_id, ids, labels, visual["pixel_values"], visual["image_sizes"],
                                visual["pixel_values_videos"])
-        return self._truncate(item)
+
+    def prompt(self, sample: dict[str, Any], media: Mapping[str, bytes] | None = None) -> ProcessedSample:
+        """The generation prompt of a record: its conversation up to the last user turn, followed by the
+        assistant header (a trailing assistant turn, the reference answer, is dropped)."""
+        conversations = list(sample.get("conversations") or [])
+        if conversations and chat.ROLES.get(str(conversations[-1].get("from", "")).lower()) == "assistant":
+            conversations = conversations[:-1]
+        sample_id = str(sample.get("id", "<no id>"))
+        try:
+            segments = chat.render_segments(conversations, self.template, add_generation_prompt=True)
+        except chat.ConversationError as err:
+            raise SampleError(sample_id, str(err)) from None
+        return self._process(sample_id, sample, conversations, segments, media)
 
     def _tokenize(self, segments: list[tuple[str, bool]], image_counts: list[int],
                   video_counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,379 @@
+"""Train one LLaVA-OneVision stage: transformers Trainer + DeepSpeed ZeRO, resumable, tracked.
+
+    torchrun --nproc_per_node 2 -m model.train --recipe recipes/tiny.yaml --stage stage1 \\
+        --data s3://onevision/runs/r1/curate/stage1 --out s3://onevision/runs/r1/stage1
+    python -m model.train --recipe recipes/tiny.yaml --stage stage1_5 --init s3://.../stage1/hf --data ... --out ...
+
+On GPUs this is NCCL + bf16; on a CPU, gloo + fp32 (DS_ACCELERATOR=cpu). One process needs no launcher.
+
+What the stage does, in order:
+1. builds the model (from `--init`, the previous stage's HF folder, or from the recipe for Stage-1) and
+   applies the stage's AnyRes settings, trainable parts and learning rates (vision tower apart);
+2. resumes by itself from the newest *complete* checkpoint under `<out>/checkpoints/` (a retried pod
+   continues where the killed one stopped: same data order, same losses);
+3. trains with the recipe's global batch at any world size (gradient accumulation), cosine schedule with
+   warmup, ZeRO-2/3, checkpoints every `save_every_steps`, published atomically (manifest last);
+4. measures the held-out loss before and after, merges the final ZeRO checkpoint into one HF folder
+   (`<out>/hf`, model + processor, fp32 master weights) and publishes it. Optimizer state stays behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model import metrics
+from model.batching import Collator, ModalityLengthGroupedSampler
+from model.builder import build_model_and_processor, configure_stage
+from model.processing import SampleProcessor
+from model.shards import ShardDataset, open_shards
+from onevision import storage
+from onevision.recipe import Recipe, StageSpec, load_recipe
+
+EXIT_USAGE, EXIT_FAILED = 2, 3
+
+
+class TrainingError(RuntimeError):
+    """A stage cannot start or continue; the message says why and what to do."""
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def log(message: str) -> None:
+    if rank() == 0:
+        print(f"[train] {message}", flush=True)
+
+
+# --- model parts ------------------------------------------------------------------------------------
+
+def part_of(name: str) -> str:
+    """Which recipe part a parameter belongs to (LLaVA-NeXT's mm_tunable_parts, renamed)."""
+    if ".vision_tower." in f".{name}":
+        return "vision_tower"
+    if "multi_modal_projector" in name or "image_newline" in name:
+        return "projector"  # image_newline lives in the projector's output space
+    return "language_model"  # language_model.* and lm_head
+
+
+def apply_trainable_parts(model: torch.nn.Module, stage: StageSpec) -> dict[str, int]:
+    """Freeze everything outside the stage's trainable parts; returns trainable parameter counts."""
+    counts = {"vision_tower": 0, "projector": 0, "language_model": 0}
+    for name, param in model.named_parameters():
+        param.requires_grad = part_of(name) in stage.trainable
+        if param.requires_grad:
+            counts[part_of(name)] += numel(param)
+    return counts
+
+
+def numel(param: torch.nn.Parameter) -> int:
+    return getattr(param, "ds_numel", None) or param.numel()  # ZeRO-3 partitions leave shape (0,)
+
+
+def model_signature(model: torch.nn.Module) -> dict[str, list[int]]:
+    return {name: list(getattr(p, "ds_shape", None) or p.shape) for name, p in model.named_parameters()}
+
+
+# --- data -------------------------------------------------------------------------------------------
+
+def build_datasets(recipe: Recipe, stage: StageSpec, stage_name: str, processor: Any, data_uri: str,
+                   cache_dir: Path, holdout: int) -> tuple[Any, Any]:
+    template = "plain" if stage_name == "stage1" else "qwen_1_5"
+    sp = SampleProcessor(processor, template, stage.model_max_length, video_frames=stage.video_frames,
+                         square=stage.image_aspect_ratio == "square")
+    dataset = ShardDataset(open_shards(data_uri, cache_dir), sp)
+    if len(dataset) == 0:
+        raise TrainingError(f"{stage_name}: the dataset at {data_uri} has no samples")
+    holdout = min(holdout, len(dataset) // 10)
+    indices = list(range(len(dataset)))
+    # the held-out slice is a fixed, seeded choice so that before/after losses compare like with like
+    held = set(torch.randperm(len(dataset), generator=torch.Generator().manual_seed(recipe.training.seed))[:holdout].tolist())
+    train = torch.utils.data.Subset(dataset, [i for i in indices if i not in held])
+    evaluation = torch.utils.data.Subset(dataset, sorted(held)) if held else None
+    return train, evaluation
+
+
+def heldout_loss(model: torch.nn.Module, eval_set: Any, collate: Any, batch_size: int) -> float:
+    """Token-weighted mean loss over the held-out samples (ZeRO-3 weights gathered for the pass)."""
+    import contextlib
+
+    params = list(model.parameters())
+    gather = contextlib.nullcontext()
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    was_training, total, tokens = model.training, 0.0, 0
+    model.eval()
+    device = next(iter(params)).device
+    with gather, torch.no_grad():
+        for start in range(0, len(eval_set), batch_size):
+            batch = collate([eval_set[i] for i in range(start, min(start + batch_size, len(eval_set)))])
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            total += float(model(**batch, use_cache=False).loss) * n
+            tokens += n
+    model.train(was_training)
+    return total / max(tokens, 1)
+
+
+# --- trainer ----------------------------------------------------------------------------------------
+
+def deepspeed_config(recipe: Recipe, on_gpu: bool) -> dict[str, Any] | None:
+    """ZeRO per the recipe; bf16 only on GPUs. No optimizer block: the Trainer's torch AdamW is used
+    (DeepSpeed's FusedAdam would JIT-compile for a minute on a CPU)."""
+    if recipe.training.zero_stage == 0:
+        return None
+    config: dict[str, Any] = {
+        "zero_optimization": {"stage": recipe.training.zero_stage, "overlap_comm": on_gpu,
+                              "contiguous_gradients": True},
+        "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+        "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": on_gpu and recipe.training.precision == "bf16"},
+        "fp16": {"enabled": on_gpu and recipe.training.precision == "fp16"},
+    }
+    if recipe.training.zero_stage == 3:
+        config["zero_optimization"].update(stage3_gather_16bit_weights_on_model_save=False)
+    return config
+
+
+def make_args(recipe: Recipe, stage: StageSpec, stage_name: str, work: Path) -> Any:
+    """TrainingArguments; created before the model so that ZeRO-3 builds it partitioned (zero.Init)."""
+    from transformers import TrainingArguments
+
+    on_gpu = torch.cuda.is_available()
+    per_device = stage.per_device_batch_size
+    accumulation, remainder = divmod(stage.global_batch_size, per_device * world_size())
+    if remainder or accumulation == 0:
+        raise TrainingError(f"{stage_name}: global_batch_size {stage.global_batch_size} is not a multiple of "
+                            f"per_device_batch_size {per_device} x world size {world_size()}")
+    return TrainingArguments(
+        output_dir=str(work / "checkpoints"), per_device_train_batch_size=per_device,
+        per_device_eval_batch_size=per_device, gradient_accumulation_steps=accumulation,
+        learning_rate=stage.lr, weight_decay=stage.weight_decay, lr_scheduler_type=stage.lr_scheduler,
+        warmup_steps=stage.warmup_ratio,  # a float < 1 is a ratio of the total steps
+        num_train_epochs=stage.epochs, max_steps=stage.max_steps or -1,
+        max_grad_norm=1.0, bf16=on_gpu and recipe.training.precision == "bf16",
+        gradient_checkpointing=recipe.training.gradient_checkpointing,
+        save_strategy="steps", save_steps=recipe.training.save_every_steps, save_total_limit=2,
+        logging_steps=1, report_to=[], seed=recipe.training.seed, data_seed=recipe.training.seed,
+        remove_unused_columns=False, dataloader_num_workers=int(os.environ.get("ONEVISION_DATA_WORKERS", "0")),
+        deepspeed=deepspeed_config(recipe, on_gpu), use_cpu=not on_gpu,
+        include_num_input_tokens_seen="non_padding", disable_tqdm=True, eval_strategy="no",
+        save_only_model=False, ddp_backend=None if on_gpu else "gloo",
+    )
+
+
+def make_trainer(recipe: Recipe, stage: StageSpec, stage_name: str, args: Any, model: Any, processor: Any,
+                 train_set: Any, eval_set: Any, callbacks: list[Any], on_batch: Any = None) -> Any:
+    from transformers import Trainer
+
+    square = stage.image_aspect_ratio == "square"
+    vision_lr = stage.vision_tower_lr or stage.lr
+    global_batch = stage.global_batch_size
+
+    class StageTrainer(Trainer):
+        def _get_train_sampler(self, train_dataset=None):
+            base = self.train_dataset.dataset
+            lengths, visual = base.lengths()
+            keep = self.train_dataset.indices
+            # megabatch = one global batch: the same samples meet in a step at any world size
+            sampler = ModalityLengthGroupedSampler([lengths[i] for i in keep], [visual[i] for i in keep],
+                                                   batch_size=global_batch, seed=recipe.training.seed)
+            return sampler
+
+        def create_optimizer(self, model=None):
+            opt_model = self.model if model is None else model
+            if self.optimizer is None:
+                groups: dict[str, list[torch.nn.Parameter]] = {"vision_tower": [], "rest": []}
+                for name, param in opt_model.named_parameters():
+                    if param.requires_grad:
+                        groups["vision_tower" if part_of(name) == "vision_tower" else "rest"].append(param)
+                param_groups = [{"params": groups["rest"], "lr": stage.lr, "weight_decay": stage.weight_decay,
+                                 "name": "rest"}]
+                if groups["vision_tower"]:
+                    param_groups.append({"params": groups["vision_tower"], "lr": vision_lr,
+                                         "weight_decay": stage.weight_decay, "name": "vision_tower"})
+                self.optimizer = torch.optim.AdamW(param_groups, betas=(0.9, 0.999), eps=1e-8)
+            return self.optimizer
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if on_batch is not None and model.training:
+                on_batch(inputs)
+            loss_and_outputs = super().compute_loss(model, {**inputs, "use_cache": False}, return_outputs,
+                                                    num_items_in_batch)
+            loss = loss_and_outputs[0] if return_outputs else loss_and_outputs
+            if model.training and not torch.isfinite(loss.detach()).all():
+                raise TrainingError(f"{stage_name}: loss is {loss.item()} at step {self.state.global_step + 1}; "
+                                    "stopping (lower the learning rate or check the data)")
+            return loss_and_outputs
+
+    return StageTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                        data_collator=Collator(processor.tokenizer.pad_token_id, square=square),
+                        callbacks=callbacks)
+
+
+# --- checkpoints ------------------------------------------------------------------------------------
+
+def latest_complete_checkpoint(out: str) -> tuple[int, str] | None:
+    """(step, uri) of the newest checkpoint under <out>/checkpoints that has a manifest."""
+    prefix = storage.join(out, "checkpoints")
+    steps = set()
+    for uri in storage.list_uris(prefix):
+        if uri.endswith(storage.MANIFEST_NAME):
+            name = uri[len(prefix):].strip("/").split("/")[0]
+            if name.startswith("checkpoint-") and name[len("checkpoint-"):].isdigit():
+                steps.add(int(name[len("checkpoint-"):]))
+    if not steps:
+        return None
+    step = max(steps)
+    return step, storage.join(prefix, f"checkpoint-{step}")
+
+
+def check_disk(path: Path, model: torch.nn.Module) -> None:
+    """Weights + grads + two Adam moments in fp32, twice over (save_total_limit=2), plus headroom."""
+    need = sum(numel(p) for p in model.parameters()) * 4 * 4 * 2 * 1.2
+    free = shutil.disk_usage(path).free
+    if free < need:
+        raise TrainingError(f"not enough disk for checkpoints at {path}: need ~{need / 1e9:.2f} GB, "
+                            f"{free / 1e9:.2f} GB free (set --work-dir to a larger volume)")
+
+
+def merge_zero_checkpoint(checkpoint_dir: Path, signature: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+    """The fp32 master weights of a ZeRO checkpoint (any stage, any world size) as one state dict,
+    checked against the model's parameter names and shapes."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir))
+    wrong = [k for k, shape in signature.items() if k not in state or list(state[k].shape) != shape]
+    if wrong:
+        raise TrainingError(f"merging {checkpoint_dir}: missing or misshapen {wrong[:5]}")
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+# --- the stage --------------------------------------------------------------------------------------
+
+def train_stage(recipe: Recipe, stage_name: str, data_uri: str, out: str, init: str | None = None,
+                work_dir: str | None = None, holdout: int = 64, mlflow_parent: str | None = None) -> dict[str, Any]:
+    """Run (or resume) one stage; returns its summary (losses, checkpoint URIs)."""
+    stage = getattr(recipe.stages, stage_name, None)
+    if stage is None:
+        raise TrainingError(f"the recipe has no stage {stage_name!r}; it has {[n for n, _ in recipe.stages.enabled()]}")
+    work = Path(work_dir or tempfile.mkdtemp(prefix=f"onevision-{stage_name}-"))
+    work.mkdir(parents=True, exist_ok=True)
+    args = make_args(recipe, stage, stage_name, work)
+    model, processor = build_model_and_processor(recipe, init_from=init)
+    configure_stage(model, processor, stage, recipe.model.image_size)
+    model.config.use_cache = False
+    trainable = apply_trainable_parts(model, stage)
+    log(f"{stage_name}: trainable {trainable} of {sum(numel(p) for p in model.parameters())} parameters")
+    check_disk(work, model)
+    train_set, eval_set = build_datasets(recipe, stage, stage_name, processor, data_uri, work / "data", holdout)
+
+    resume = latest_complete_checkpoint(out)
+    resume_dir = None
+    if resume:
+        step, uri = resume
+        resume_dir = work / "checkpoints" / f"checkpoint-{step}"
+        if not resume_dir.exists():
+            storage.get_dir(uri, resume_dir)
+        signature = json.loads((resume_dir / "model_signature.json").read_text())
+        if signature != model_signature(model):
+            diff = [k for k in signature if signature[k] != model_signature(model).get(k)][:3]
+            raise TrainingError(f"checkpoint {uri} was written by a model of another shape ({diff}...); "
+                                f"use a new --out or the matching recipe")
+        log(f"{stage_name}: resuming from {uri} (step {step})")
+
+    tracker = metrics.StageTracker(recipe, stage_name, stage, model, out, mlflow_parent, rank() == 0)
+    publisher = metrics.CheckpointPublisher(out, model_signature(model), rank() == 0)
+    trainer = make_trainer(recipe, stage, stage_name, args, model, processor, train_set, eval_set,
+                           [tracker.callback(), publisher], on_batch=tracker.count_batch)
+    def measure() -> float | None:
+        if eval_set is None:
+            return None
+        return heldout_loss(model, eval_set, trainer.data_collator, stage.per_device_batch_size * 4)
+
+    before = measure() if resume is None else None
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
+    except OSError as err:
+        if err.errno == 28:  # ENOSPC
+            raise TrainingError(f"{stage_name}: out of disk while writing to {work}: {err}") from None
+        raise
+    after = measure()
+    summary = {"stage": stage_name, "steps": trainer.state.global_step, "train_loss": result.training_loss,
+               "eval_loss_before": before, "eval_loss_after": after, "trainable": trainable,
+               "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]}
+    if rank() == 0:
+        hf_dir = work / "hf"
+        # the Trainer saved a checkpoint at the last step; with ZeRO its fp32 master weights are merged
+        final = work / "checkpoints" / f"checkpoint-{trainer.state.global_step}"
+        state = merge_zero_checkpoint(final, model_signature(model)) if trainer.is_deepspeed_enabled else None
+        model.save_pretrained(hf_dir, state_dict=state)
+        processor.save_pretrained(hf_dir)
+        storage.publish_dir(hf_dir, storage.join(out, "hf"), metadata={k: v for k, v in summary.items() if k != "losses"})
+        summary["hf_uri"] = storage.join(out, "hf")
+        tracker.finish(summary)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return summary
+
+
+def single_process_env() -> None:
+    """Without a launcher, be a world of one on loopback (DeepSpeed always initialises torch.distributed)."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipe", required=True, help="recipe YAML")
+    parser.add_argument("--stage", required=True, choices=["stage1", "stage1_5", "stage2_si", "stage2_ov"])
+    parser.add_argument("--data", required=True, help="the stage's curated shards: local dir or s3:// prefix")
+    parser.add_argument("--out", required=True, help="stage output: checkpoints/ and hf/ go below it")
+    parser.add_argument("--init", default=None, help="HF folder to start from (the previous stage's <out>/hf)")
+    parser.add_argument("--work-dir", default=None, help="local scratch for shards and checkpoints")
+    parser.add_argument("--holdout", type=int, default=64, help="held-out samples for before/after loss")
+    parser.add_argument("--mlflow-parent", default=os.environ.get("ONEVISION_MLFLOW_PARENT_RUN"),
+                        help="parent MLflow run id (the pipeline run); tracking is off without MLFLOW_TRACKING_URI")
+    parser.add_argument("--summary", default=None, help="write the stage summary JSON here")
+    args = parser.parse_args(argv)
+    single_process_env()
+    try:
+        summary = train_stage(load_recipe(args.recipe), args.stage, args.data, args.out, args.init,
+                              args.work_dir, args.holdout, args.mlflow_parent)
+    except (TrainingError, storage.StorageError, FileNotFoundError) as err:
+        print(f"[train] FAILED: {err}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    if args.summary and rank() == 0:
+        Path(args.summary).write_text(json.dumps(summary, indent=1, default=str))
+    log(f"done: {json.dumps({k: v for k, v in summary.items() if k != 'losses'}, default=str)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
