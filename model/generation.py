@@ -70,3 +70,15 @@ def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
     if not references:
         return 0.0
     return sum(normalise(p) == normalise(r) for p, r in zip(predictions, references)) / len(references)
+
+
+def score_by_task(model: Any, processor: Any, records: Sequence[dict[str, Any]], media_root: str | Path,
+                  **kwargs: Any) -> dict[str, dict[str, float]]:
+    """Exact-match accuracy per `meta.task` of records that carry `meta.answer` (and `meta.chance`)."""
+    answers = answer_records(model, processor, records, media_root, **kwargs)
+    tasks: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for record, answer in zip(records, answers):
+        tasks.setdefault(record["meta"]["task"], []).append((answer, record["meta"]))
+    return {task: {"accuracy": exact_match([a for a, _ in rows], [m["answer"] for _, m in rows]),
+                   "chance": float(rows[0][1].get("chance", 0.0)), "n": len(rows)}
+            for task, rows in sorted(tasks.items())}
