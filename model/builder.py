@@ -111,7 +111,8 @@ def build_tiny(recipe: Recipe, seed: int | None = None) -> tuple[LlavaOnevisionF
                        tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(recipe.training.seed if seed is None else seed)
-    model = LlavaOnevisionForConditionalGeneration(_ov_config(recipe, vision, text, tokenizer))
+    # _from_config, not the constructor: under ZeRO-3 it builds the model partitioned (zero.Init)
+    model = LlavaOnevisionForConditionalGeneration._from_config(_ov_config(recipe, vision, text, tokenizer))
     return model, make_processor(tokenizer, recipe)
 
 

@@ -274,10 +274,26 @@ def train_stage(recipe: Recipe, stage_name: str, data_uri: str, out: str, init: 
     stage = getattr(recipe.stages, stage_name, None)
     if stage is None:
         raise TrainingError(f"the recipe has no stage {stage_name!r}; it has {[n for n, _ in recipe.stages.enabled()]}")
+    try:  # a retried step whose stage already finished: nothing to do
+        done = storage.read_manifest(storage.join(out, "hf"))["metadata"]
+        log(f"{stage_name}: already complete at {storage.join(out, 'hf')}")
+        return {**done, "hf_uri": storage.join(out, "hf"), "losses": []}
+    except storage.ManifestMissingError:
+        pass
     work = Path(work_dir or tempfile.mkdtemp(prefix=f"onevision-{stage_name}-"))
     work.mkdir(parents=True, exist_ok=True)
+    # A random tiny model is built whole before the DeepSpeed config exists, so its seeded weights are
+    # the same at any world size; real models load under the config, i.e. partitioned by zero.Init.
+    materialise_first = init is None and recipe.model.init_from is None and recipe.model.vision_tower == "tiny"
+    if materialise_first:
+        model, processor = build_model_and_processor(recipe)
     args = make_args(recipe, stage, stage_name, work)
-    model, processor = build_model_and_processor(recipe, init_from=init)
+    if args.deepspeed:  # zero.Init partitions over DeepSpeed's world: initialise it before loading
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    if not materialise_first:
+        model, processor = build_model_and_processor(recipe, init_from=init)
     configure_stage(model, processor, stage, recipe.model.image_size)
     model.config.use_cache = False
     trainable = apply_trainable_parts(model, stage)
@@ -303,12 +319,19 @@ def train_stage(recipe: Recipe, stage_name: str, data_uri: str, out: str, init: 
     publisher = metrics.CheckpointPublisher(out, model_signature(model), rank() == 0)
     trainer = make_trainer(recipe, stage, stage_name, args, model, processor, train_set, eval_set,
                            [tracker.callback(), publisher], on_batch=tracker.count_batch)
+
     def measure() -> float | None:
         if eval_set is None:
             return None
         return heldout_loss(model, eval_set, trainer.data_collator, stage.per_device_batch_size * 4)
 
-    before = measure() if resume is None else None
+    before_uri = storage.join(out, "heldout_before.json")  # survives a restart: the loss before *this stage*
+    if storage.exists(before_uri):
+        before = json.loads(storage.read_bytes(before_uri))["loss"]
+    else:
+        before = measure()
+        if rank() == 0:
+            storage.write_bytes(before_uri, json.dumps({"loss": before}).encode())
     try:
         result = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
     except OSError as err:

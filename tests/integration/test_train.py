@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from components.curate.core import curate_stage
 from onevision import storage
@@ -70,7 +69,9 @@ def train(recipe: Path, stage: str, data: Path, out: Path, *extra: str, procs: i
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(out / "hf" / "model.safetensors")
+    from model.builder import load_pretrained
+
+    return load_pretrained(str(out / "hf"))[0].state_dict()
 
 
 def test_stage1_trains_only_the_projector_and_loss_falls(tmp_path: Path, curated) -> None:
@@ -135,6 +136,7 @@ def test_sigkill_then_restart_reproduces_the_uninterrupted_run(tmp_path: Path, c
     done, resumed = train(recipe, "stage1", curated["stage1"], out)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming from" in done.stdout
+    assert resumed["eval_loss_before"] == reference["eval_loss_before"]
     assert resumed["losses"] == pytest.approx(reference["losses"], rel=1e-6)
     w_ref, w_res = weights(tmp_path / "ref"), weights(out)
     assert all(torch.equal(w_ref[k], w_res[k]) for k in w_ref)
@@ -163,6 +165,9 @@ def test_failures_give_clear_messages(tmp_path: Path, curated) -> None:
     (ckpt / "model_signature.json").write_text(json.dumps(signature))
     storage.publish_dir(ckpt, str(ckpt))
     (tmp_path / "shape-work").rename(tmp_path / "shape-work-old")
+    import shutil
+
+    shutil.rmtree(tmp_path / "shape" / "hf")  # as if the stage had been killed before its end
     done, _ = train(recipe, "stage1", curated["stage1"], tmp_path / "shape")
     assert done.returncode == 3 and "another shape" in done.stderr
 
@@ -178,3 +183,14 @@ def test_out_of_disk_is_refused_up_front(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(TrainingError, match="not enough disk"):
         check_disk(tmp_path, model)
+
+
+def test_a_finished_stage_is_not_trained_again(tmp_path: Path, curated) -> None:
+    recipe = small_recipe(tmp_path, steps=3, save_every=3)
+    done, first = train(recipe, "stage1", curated["stage1"], tmp_path / "s")
+    assert done.returncode == 0, done.stderr[-3000:]
+    mtime = (tmp_path / "s" / "hf" / "model.safetensors").stat().st_mtime
+    done, again = train(recipe, "stage1", curated["stage1"], tmp_path / "s")
+    assert done.returncode == 0 and "already complete" in done.stdout
+    assert again["eval_loss_after"] == first["eval_loss_after"]
+    assert (tmp_path / "s" / "hf" / "model.safetensors").stat().st_mtime == mtime
