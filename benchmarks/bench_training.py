@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--stage", default="stage2_ov")
+    parser.add_argument("--stage", default="stage2_si")
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/training.json"))
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
@@ -38,9 +39,10 @@ def main() -> None:
     from components.curate.core import curate_stage
     from model.batching import Collator
     from model.builder import build_model_and_processor, configure_stage
-    from model.train import apply_trainable_parts, build_datasets, make_args, make_trainer
+    from model.train import apply_trainable_parts, build_datasets, make_args, make_trainer, single_process_env
     from onevision.recipe import load_recipe
 
+    single_process_env()
     tmp = Path(tempfile.mkdtemp(prefix="bench-training-"))
     recipe_path = tmp / "recipe.yaml"
     base = load_recipe(ROOT / "recipes/tiny.yaml")
@@ -54,8 +56,8 @@ def main() -> None:
     stage = getattr(recipe.stages, args.stage)
     curate_stage(recipe, args.stage, str(tmp / "data"), work_dir=str(tmp / "work"))
 
-    results = {}
-    for name in ("naive", "ours"):
+    results: dict[str, dict] = {}
+    for name in ("naive", "ours") * args.repeats:  # alternating, best of each: warm-up and drift cancel
         model, processor = build_model_and_processor(recipe)
         configure_stage(model, processor, stage, recipe.model.image_size)
         model.config.use_cache = False
@@ -70,12 +72,14 @@ def main() -> None:
             trainer = make_trainer(recipe, stage, args.stage, training_args, model, processor, train_set, None, [])
         trainer.train()
         runtime = trainer.state.log_history[-1]["train_runtime"]
-        results[name] = {"tokens": int(trainer.state.num_input_tokens_seen), "seconds": round(runtime, 2),
-                         "tokens_per_s": round(trainer.state.num_input_tokens_seen / runtime, 1)}
+        row = {"tokens": int(trainer.state.num_input_tokens_seen), "seconds": round(runtime, 2),
+               "tokens_per_s": round(trainer.state.num_input_tokens_seen / runtime, 1)}
+        if name not in results or row["tokens_per_s"] > results[name]["tokens_per_s"]:
+            results[name] = row
     report = {"benchmark": "training tokens/s (non-padding)", "stage": args.stage, "steps": args.steps,
               "baseline": "transformers.Trainer, random sampler, pad to longest", "machine":
               f"{platform.machine()}, {os.cpu_count()} cpus, {torch.get_num_threads()} threads", **results,
-              "ratio_ours_vs_naive": round(results["ours"]["tokens_per_s"] / results["naive"]["tokens_per_s"], 2)}
+              "repeats": args.repeats, "ratio_ours_vs_naive": round(results["ours"]["tokens_per_s"] / results["naive"]["tokens_per_s"], 2)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report, indent=1))

@@ -106,18 +106,21 @@ def collate_packed(groups: Sequence[Sequence[ProcessedSample]], pad_token_id: in
 
 
 class ModalityLengthGroupedSampler(Sampler[int]):
-    """Indices in megabatches of one modality and similar length (LLaVA-NeXT group_by_modality_length).
+    """Indices in batches of one modality and similar length (LLaVA-NeXT group_by_modality_length).
 
-    `lengths[i]` is sample i's token length; `is_visual[i]` whether it has images or video. A megabatch
-    is `batch_size * world_size` indices, sorted longest first so each rank's micro-batch is homogeneous.
+    `lengths[i]` is sample i's token length, `is_visual[i]` whether it has images or video. Within a
+    modality the shuffled indices are cut into megabatches of `megabatch_batches` global batches, each
+    sorted by length and split into global batches of `batch_size` (the *global* batch, so the same
+    samples meet in a step at any world size); the batches' order is then shuffled. Padding shrinks
+    to the length spread within a batch; the seed and epoch fix the order.
     """
 
     def __init__(self, lengths: Sequence[int], is_visual: Sequence[bool], batch_size: int,
-                 world_size: int = 1, seed: int = 0):
+                 megabatch_batches: int = 16, seed: int = 0):
         if len(lengths) != len(is_visual):
             raise ValueError("lengths and is_visual differ in size")
         self.lengths, self.is_visual = list(lengths), list(is_visual)
-        self.megabatch = batch_size * world_size
+        self.batch_size, self.megabatch = batch_size, batch_size * megabatch_batches
         self.seed, self.epoch = seed, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -126,13 +129,17 @@ class ModalityLengthGroupedSampler(Sampler[int]):
     def __len__(self) -> int:
         return len(self.lengths)
 
-    def __iter__(self) -> Iterator[int]:
+    def batches(self) -> list[list[int]]:
         rng = random.Random(self.seed * 1000003 + self.epoch)
-        megabatches: list[list[int]] = []
+        batches: list[list[int]] = []
         for visual in (True, False):
             group = [i for i, v in enumerate(self.is_visual) if v == visual]
             rng.shuffle(group)
-            megabatches += [sorted(group[i: i + self.megabatch], key=lambda j: -self.lengths[j])
-                            for i in range(0, len(group), self.megabatch)]
-        rng.shuffle(megabatches)
-        return iter([i for mb in megabatches for i in mb])
+            for start in range(0, len(group), self.megabatch):
+                mega = sorted(group[start: start + self.megabatch], key=lambda j: -self.lengths[j])
+                batches += [mega[i: i + self.batch_size] for i in range(0, len(mega), self.batch_size)]
+        rng.shuffle(batches)
+        return batches
+
+    def __iter__(self) -> Iterator[int]:
+        return iter([i for batch in self.batches() for i in batch])

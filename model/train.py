@@ -192,10 +192,9 @@ def make_trainer(recipe: Recipe, stage: StageSpec, stage_name: str, args: Any, m
             base = self.train_dataset.dataset
             lengths, visual = base.lengths()
             keep = self.train_dataset.indices
-            # megabatch = one global batch: the same samples meet in a step at any world size
-            sampler = ModalityLengthGroupedSampler([lengths[i] for i in keep], [visual[i] for i in keep],
-                                                   batch_size=global_batch, seed=recipe.training.seed)
-            return sampler
+            # batches of one *global* batch: the same samples meet in a step at any world size
+            return ModalityLengthGroupedSampler([lengths[i] for i in keep], [visual[i] for i in keep],
+                                                batch_size=global_batch, seed=recipe.training.seed)
 
         def create_optimizer(self, model=None):
             opt_model = self.model if model is None else model
@@ -209,7 +208,8 @@ def make_trainer(recipe: Recipe, stage: StageSpec, stage_name: str, args: Any, m
                 if groups["vision_tower"]:
                     param_groups.append({"params": groups["vision_tower"], "lr": vision_lr,
                                          "weight_decay": stage.weight_decay, "name": "vision_tower"})
-                self.optimizer = torch.optim.AdamW(param_groups, betas=(0.9, 0.999), eps=1e-8)
+                # fused: one kernel per step on CPU and GPU alike (what the Trainer default, adamw_torch_fused, uses)
+                self.optimizer = torch.optim.AdamW(param_groups, betas=(0.9, 0.999), eps=1e-8, fused=True)
             return self.optimizer
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
