@@ -235,17 +235,30 @@ def stack_up(state_dir: str | os.PathLike[str] | None = None, s3_port: int = 833
     (state / "stack.json").write_text(json.dumps(asdict(info), indent=1))
     (state / "stack.json").chmod(0o600)
 
-    s3_pid, s3_proc = _pid(state, "s3"), None
-    if not (s3_pid and _alive(s3_pid, "weed")):
-        s3_proc = _start_s3(state, info, s3_port)
-    _wait("SeaweedFS S3", lambda: _s3_ready(info), timeout, s3_proc, state / "logs" / "s3.log")
-    if "mlflow" not in services:
-        return info
-
-    ml_pid, ml_proc = _pid(state, "mlflow"), None
-    if not (ml_pid and _alive(ml_pid, "mlflow")):
-        ml_proc = _start_mlflow(state, info, mlflow_port)
-    _wait("MLflow server", lambda: _mlflow_ready(info), timeout, ml_proc, state / "logs" / "mlflow.log")
+    started: list[subprocess.Popen] = []
+    try:
+        s3_pid, s3_proc = _pid(state, "s3"), None
+        if not (s3_pid and _alive(s3_pid, "weed")):
+            s3_proc = _start_s3(state, info, s3_port)
+            started.append(s3_proc)
+        _wait("SeaweedFS S3", lambda: _s3_ready(info), timeout, s3_proc, state / "logs" / "s3.log")
+        if "mlflow" not in services:
+            return info
+        ml_pid, ml_proc = _pid(state, "mlflow"), None
+        if not (ml_pid and _alive(ml_pid, "mlflow")):
+            ml_proc = _start_mlflow(state, info, mlflow_port)
+            started.append(ml_proc)
+        _wait("MLflow server", lambda: _mlflow_ready(info), timeout, ml_proc, state / "logs" / "mlflow.log")
+    except BaseException:
+        for proc in started:  # a failed start leaves nothing running behind it
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+        raise
     return info
 
 

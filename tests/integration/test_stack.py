@@ -37,3 +37,18 @@ def test_up_is_idempotent_and_env_points_at_it(local_stack: stack.StackInfo, cap
 def test_env_of_a_stopped_stack_is_a_clear_error(tmp_path: Path, capsys) -> None:
     assert main(["stack", "env", "--state-dir", str(tmp_path)]) == 1
     assert "not running" in capsys.readouterr().err
+
+
+def test_a_failed_start_leaves_nothing_running(tmp_path: Path) -> None:
+    """MLflow cannot bind a port S3 already holds: S3 must not be left behind."""
+    from tests.conftest import free_port_block
+
+    base = free_port_block(10)
+    try:
+        stack.stack_up(tmp_path, s3_port=base, mlflow_port=base, timeout=60)
+    except stack.StackError as err:
+        assert "in use" in str(err)
+    else:
+        raise AssertionError("a port clash must fail")
+    pid = int((tmp_path / "s3.pid").read_text())
+    assert not Path(f"/proc/{pid}").exists() or b"weed" not in Path(f"/proc/{pid}/cmdline").read_bytes()
