@@ -88,8 +88,8 @@ def run_local(recipe_path: str, state_dir: str | None = None, run_id: str | None
     os.environ.update(info.env())
     run_id = run_id or new_run_id()
     run_uri = f"s3://{stack.DATA_BUCKET}/runs/{recipe.name}/{run_id}"
-    work = Path(tempfile.gettempdir()) / "onevision-local" / recipe.name / run_id
-    work.mkdir(parents=True, exist_ok=True)
+    # scratch only: everything that must survive (and lets a rerun resume) is in S3
+    work = Path(tempfile.mkdtemp(prefix=f"onevision-{recipe.name}-{run_id}-"))
     parent = tracking.ensure_pipeline_run(recipe, run_id)
     os.environ["ONEVISION_PIPELINE_RUN_ID"] = run_id
     print(f"run        {run_id}  ->  {run_uri}\nMLflow     {info.mlflow_uri} (parent run {parent})", flush=True)

@@ -133,6 +133,7 @@ def curate_stage(recipe: Recipe, stage_name: str, out: str, work_dir: str | None
     """Build and publish one stage's shards; returns the curation summary."""
     stage = getattr(recipe.stages, stage_name)
     work = Path(work_dir or tempfile.mkdtemp(prefix=f"curate-{stage_name}-"))
+    work.mkdir(parents=True, exist_ok=True)
     kept: list[tuple[dict[str, Any], dict[str, bytes]]] = []
     rejected: list[dict[str, Any]] = []
     sources = []
@@ -150,7 +151,7 @@ def curate_stage(recipe: Recipe, stage_name: str, out: str, work_dir: str | None
         sources.append({"source": source.json_path or source.dataset_uri, "strategy": source.sampling_strategy,
                         "available": len(records), "sampled": len(chosen), "rejected": sum(reasons.values())})
     random.Random(recipe.training.seed).shuffle(kept)  # sources interleave; the sampler reorders per epoch
-    staging = work / "publish"
+    staging = Path(tempfile.mkdtemp(prefix=f"publish-{stage_name}-", dir=work))  # never a previous run's files
     write_shards(kept, staging, max_per_shard=max_per_shard)
     (staging / "rejected.jsonl").write_text("".join(json.dumps(r, default=str) + "\n" for r in rejected))
     summary = {"stage": stage_name, "kept": len(kept), "rejected": len(rejected), "sources": sources}

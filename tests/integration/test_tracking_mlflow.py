@@ -35,7 +35,7 @@ def test_parent_and_step_runs_with_params_metrics_and_artifact(local_stack: obje
     assert step.data.tags[tracking.TAG_STEP] == "curate"
     assert step.data.params["records"] == "128" and step.data.metrics["kept"] == 121
     parent_run = client.get_run(parent)
-    assert parent_run.data.params["stages.stage2_si.max_steps"] == "300"
+    assert parent_run.data.params["stages.stage2_si.max_steps"] == str(recipe.stages.stage2_si.max_steps)
     assert parent_run.data.tags[tracking.TAG_PIPELINE_RUN] == "it-run-1"
 
     # The artifact went through the MLflow server into the stack's S3 bucket.
