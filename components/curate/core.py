@@ -99,9 +99,11 @@ def check_record(record: Any, root: Path, video_frames: int | None) -> tuple[dic
     if not isinstance(record, dict) or not isinstance(record.get("id"), (str, int)):
         return None, "record is not an object with an 'id'"
     try:
-        chat.normalise_turns(record.get("conversations"))
+        turns = chat.normalise_turns(record.get("conversations"))
     except chat.ConversationError as err:
         return None, str(err)
+    if turns[-1][0] != "assistant":
+        return None, "a training conversation must end with an assistant turn"
     images = record.get("image")
     images = [images] if isinstance(images, str) else list(images or [])
     videos = [record["video"]] if isinstance(record.get("video"), str) else list(record.get("video") or [])
