@@ -26,7 +26,7 @@ from torch.utils.data import Sampler
 from model.processing import IGNORE_INDEX, ProcessedSample
 
 
-def _visual_fields(items: Sequence[ProcessedSample], square: bool) -> dict[str, Any]:
+def visual_fields(items: Sequence[ProcessedSample], square: bool) -> dict[str, Any]:
     out: dict[str, Any] = {}
     images = [pv for item in items for pv in item.pixel_values]
     if images:
@@ -63,7 +63,7 @@ class Collator:
             labels[row, : len(item)] = item.labels
             attention_mask[row, : len(item)] = 1
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-                **_visual_fields(items, self.square)}
+                **visual_fields(items, self.square)}
 
 
 def pack_greedy(items: Sequence[ProcessedSample], max_length: int) -> list[list[ProcessedSample]]:
@@ -102,7 +102,7 @@ def collate_packed(groups: Sequence[Sequence[ProcessedSample]], pad_token_id: in
         position_ids[row, start:] = torch.arange(longest - start)
     flat = [item for group in groups for item in group]
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-            **_visual_fields(flat, square)}
+            **visual_fields(flat, square)}
 
 
 class ModalityLengthGroupedSampler(Sampler[int]):

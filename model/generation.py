@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from model import chat
-from model.batching import _visual_fields
+from model.batching import visual_fields
 from model.processing import ProcessedSample, SampleProcessor
 
 
@@ -31,7 +31,7 @@ def collate_left(items: Sequence[ProcessedSample], pad_token_id: int, square: bo
     for row, item in enumerate(items):
         input_ids[row, longest - len(item):] = item.input_ids
         attention_mask[row, longest - len(item):] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, **_visual_fields(items, square)}
+    return {"input_ids": input_ids, "attention_mask": attention_mask, **visual_fields(items, square)}
 
 
 @torch.no_grad()

@@ -44,8 +44,6 @@ def test_directory_publish_round_trip(local_stack: object, tmp_path: Path) -> No
 
 
 def test_50mb_multipart_round_trip(local_stack: object, tmp_path: Path) -> None:
-    from minio import Minio  # noqa: F401  (the SDK storage speaks through)
-
     big = tmp_path / "big.bin"
     with open(big, "wb") as out:
         for _ in range(50):
