@@ -34,13 +34,18 @@ def shard_key(sample_id: str, index: int) -> str:
 
 
 def write_shards(samples: Iterable[tuple[dict[str, Any], Mapping[str, bytes]]], out_dir: str | Path,
-                 max_per_shard: int = 1000, prefix: str = "shard") -> list[Path]:
-    """Write (record, {original media path: bytes}) pairs as tar shards; returns the shard paths."""
+                 max_per_shard: int = 1000, prefix: str = "shard", max_bytes: int = 3 << 30) -> list[Path]:
+    """Write (record, {original media path: bytes}) pairs as tar shards; returns the shard paths.
+
+    A shard closes at `max_per_shard` samples or `max_bytes`. Member times are fixed (mtime 0), so the
+    same samples give byte-identical shards.
+    """
     import webdataset as wds
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with wds.ShardWriter(str(out / f"{prefix}-%06d.tar"), maxcount=max_per_shard, verbose=0) as sink:
+    with wds.ShardWriter(str(out / f"{prefix}-%06d.tar"), maxcount=max_per_shard, maxsize=max_bytes,
+                         verbose=0, mtime=0) as sink:
         for index, (record, media) in enumerate(samples):
             key = shard_key(str(record["id"]), index)
             members: dict[str, Any] = {"__key__": key}

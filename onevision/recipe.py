@@ -84,13 +84,26 @@ class ModelSpec(_Strict):
         return (self.image_size // self.patch_size) ** 2  # 384/14 -> 27x27 = 729
 
 
+class RecaptionSpec(_Strict):
+    """Regenerate a source's detailed descriptions with a captioner (the paper's self-improvement data)."""
+
+    model: str  # any LLaVA-OneVision HF checkpoint: local path or s3:// (e.g. an earlier stage of this run)
+    prompt: str = "Describe the image in detail."
+    batch_size: int = Field(8, gt=0)
+    max_new_tokens: int = Field(256, gt=0)
+
+
 class DataSource(_Strict):
     """One entry of a LLaVA-NeXT style data mixture (`json_path` + `sampling_strategy`), seeded."""
 
     json_path: str | None = None  # LLaVA-format JSON/JSONL: local path or s3://
-    dataset_uri: str | None = None  # a dataset: hf://datasets/<id>[/<config>], s3:// prefix, or synthetic://<kind>
-    media_root: str | None = None  # where relative image/video paths resolve
+    # parquet with embedded images (lmms-lab/LLaVA-OneVision-Data layout): a .parquet file or a folder of
+    # them, local or s3://; hf://datasets/<id>/<config> (read from the mirror in ONEVISION_DATASET_MIRROR);
+    # or synthetic://shapes/<kind>
+    dataset_uri: str | None = None
+    media_root: str | None = None  # where relative image/video paths resolve: a folder or a .tar, local or s3://
     sampling_strategy: str = "all"  # all | first:N | end:N | random:N, N a count or a percentage
+    recaption: RecaptionSpec | None = None
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> DataSource:
@@ -215,6 +228,19 @@ class EvaluationSpec(_Strict):
     batch_size: int = Field(1, gt=0)
 
 
+class CurationSpec(_Strict):
+    """How the curate step validates, deduplicates, normalises and shards every stage's mixture."""
+
+    workers: int = Field(0, ge=0)  # decode/validate processes; 0 = one per CPU core
+    shard_max_records: int = Field(1000, gt=0)
+    shard_max_bytes: int = Field(1 << 30, gt=0)
+    min_image_side: int = Field(8, gt=0)  # px; smaller is an icon or a broken thumbnail
+    max_aspect_ratio: float = Field(20.0, ge=1)  # long side / short side
+    dedup: bool = True  # exact duplicates: same media bytes and same conversation
+    near_dup_distance: int | None = Field(4, ge=0, le=64)  # pHash Hamming bits; None = exact only
+    normalise_prompts: bool = True  # LLaVA-1.5 answer-format suffixes on short-answer and MC questions
+
+
 class DeployTarget(_Strict):
     kind: Literal["kserve", "triton", "kserve-hf"]
     name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)
@@ -269,6 +295,7 @@ class Recipe(_Strict):
     training: TrainingSpec = TrainingSpec()
     stages: Stages
     evaluation: EvaluationSpec
+    curation: CurationSpec = CurationSpec()
     deploy: list[DeployTarget] = []
     cluster: ClusterSpec = ClusterSpec()
 

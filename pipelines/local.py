@@ -5,7 +5,7 @@
 Steps, each a nested MLflow run under the pipeline's parent run, each reading and writing S3 URIs under
 `s3://onevision/runs/<recipe>/<run id>/`:
   recipe    the resolved recipe, published
-  curate    per stage: the mixture sampled, validated and sharded (rejects kept with reasons)
+  curate    per stage: the mixture sampled, validated, deduplicated and sharded; quarantine + data card
   stage*    per stage: `python -m model.train` in its own process, as a pipeline pod runs it; resumable
   evaluate  held-out exact-match accuracy per question type of the final model (synthetic world)
 A run id that already exists resumes: finished steps are skipped, an interrupted stage continues.
@@ -81,7 +81,7 @@ def _evaluate(recipe: Recipe, model_uri: str, run_uri: str, work: Path) -> dict[
 
 def run_local(recipe_path: str, state_dir: str | None = None, run_id: str | None = None) -> dict[str, Any]:
     """Run the flow; returns the run's ids, URIs and held-out scores."""
-    from components.curate.core import curate_stage
+    from components.curate.core import run as curate_run
 
     recipe = load_recipe(recipe_path)
     info = stack.stack_up(state_dir)
@@ -101,12 +101,10 @@ def run_local(recipe_path: str, state_dir: str | None = None, run_id: str | None
     for name, _ in recipe.stages.enabled():
         data = f"{run_uri}/curate/{name}"
         if _done(data) is None:
-            with tracking.step_run(f"curate_{name}", parent):
-                summary = curate_stage(recipe, name, data, work_dir=str(work / "curate"))
-                import mlflow
-
-                mlflow.log_metrics({"kept": summary["kept"], "rejected": summary["rejected"]})
-            print(f"curate     {name}: {summary['kept']} kept, {summary['rejected']} rejected", flush=True)
+            summary = curate_run(str(Path(recipe_path).absolute()), name, data, mlflow_parent=parent, work_dir=str(work / "curate"))
+            totals = summary["totals"]
+            print(f"curate     {name}: {totals['kept']} kept, {totals['duplicates']} duplicates, "
+                  f"{totals['rejected']} rejected ({summary['records_per_s']:.0f} records/s)", flush=True)
         out = f"{run_uri}/{name}"
         if _done(f"{out}/hf") is None:
             _train(str(Path(recipe_path).absolute()), name, data, out, init, parent, work)

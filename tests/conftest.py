@@ -50,6 +50,14 @@ def free_port_block(size: int) -> int:
 
 
 @pytest.fixture(scope="session")
+def tiny_recipe() -> object:
+    """recipes/tiny.yaml, validated."""
+    from onevision.recipe import load_recipe
+
+    return load_recipe(ROOT / "recipes/tiny.yaml")
+
+
+@pytest.fixture(scope="session")
 def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """The real local stack (SeaweedFS S3 + MLflow), once per test session, env pointed at it."""
     from onevision import stack

@@ -1,162 +1,273 @@
-"""Curate one stage's data mixture into training shards, keeping every rejected record with its reason.
+"""Curate one stage's data mixture into training shards; nothing is lost, everything is counted.
 
-    from components.curate.core import curate_stage
-    curate_stage(load_recipe("recipes/tiny.yaml"), "stage1", out="s3://onevision/runs/r1/curate/stage1")
+    python -m components.curate.core --recipe recipes/tiny.yaml --stage stage2_si --out /tmp/si [--workers 2]
 
-Per data source of the stage (LLaVA-NeXT mixture semantics): load the records (`json_path` JSON/JSONL, or
-`synthetic://shapes/<kind>[?n=N]`: the seeded shapes world), apply `sampling_strategy` (`all`,
-`first:N`, `end:N`, `random:N`; N a count or a percentage; random is seeded by the recipe), validate
-each record (conversation structure, placeholder/media counts, every image and video decodes), and
-write the kept ones with their media into WebDataset shards. Rejected records go to `rejected.jsonl`
-with the reason. The prefix is published atomically: shards, rejects and `curation.json`, manifest last.
+    from components.curate.core import curate_stage, run
+    summary = curate_stage(load_recipe("recipes/tiny.yaml"), "stage1", out="s3://onevision/runs/r1/curate/stage1")
+
+Per mixture entry, streamed (memory stays flat in the dataset size): read (sources.py: LLaVA JSON/JSONL
+with a media folder or tar, parquet with embedded images, synthetic://shapes), sample by index with the
+recipe's `sampling_strategy` (seeded), check each record in worker processes (checks.py: structure,
+encoding, media, size, length; classify and normalise prompts), deduplicate in stream order (dedup.py),
+optionally re-caption (recaption.py), and write WebDataset shards. Published atomically under `out`:
+`shard-*.tar`, `quarantine.jsonl` (every rejected or duplicate record with its reason code and message),
+`curation.json` (per-source counts that reconcile: in = kept + duplicates + rejected; per-shard records,
+bytes, sha256), `data_card.json` and `data_card.md`, then the manifest last. Same recipe, same bytes.
 """
 
 from __future__ import annotations
 
+import argparse
+import functools
 import json
+import os
 import random
-import re
 import tempfile
-from collections import Counter
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
-from urllib.parse import parse_qs, urlparse
+from typing import Any, TypeVar
 
-from model import chat
-from model.media import MediaError, decode_image, load_video
+from components.curate.card import CardStats, SourceStats, render_markdown
+from components.curate.checks import Limits, Verdict, check_record
+from components.curate.dedup import Deduplicator
+from components.curate.sources import (CurationError, MediaMissing, RawRecord, Source, check_relative,
+                                       open_source, synthetic_world)
 from model.shards import write_shards
 from onevision import storage
-from onevision.recipe import DataSource, Recipe
+from onevision.recipe import Recipe, load_recipe, parse_recipe
 
-SYNTHETIC_DEFAULT_N = 1000
-
-
-class CurationError(ValueError):
-    """A data source cannot be read at all (as opposed to a bad record, which is rejected and kept)."""
+__all__ = ["CurationError", "apply_sampling", "curate_stage", "run", "select_indices", "synthetic_world"]
+T = TypeVar("T")
+R = TypeVar("R")
 
 
-def apply_sampling(records: list[Any], strategy: str, seed: int) -> list[Any]:
-    """LLaVA-NeXT `sampling_strategy`: all | first:N | end:N | random:N, N a count or N%."""
+def select_indices(strategy: str, count: Callable[[], int], seed: int) -> tuple[Callable[[int], bool], int | None]:
+    """(is index selected, source size or None) for LLaVA-NeXT `sampling_strategy`; counts only if needed."""
     if strategy == "all":
-        return list(records)
+        return (lambda i: True), None
     how, amount = strategy.split(":")
     n = int(amount.rstrip("%"))
-    count = min(len(records), round(len(records) * n / 100) if amount.endswith("%") else n)
+    total = count() if (amount.endswith("%") or how in ("end", "random")) else None
+    k = n if total is None else min(total, round(total * n / 100) if amount.endswith("%") else n)
     if how == "first":
-        return list(records[:count])
+        return (lambda i: i < k), total
     if how == "end":
-        return list(records[len(records) - count:]) if count else []
-    return random.Random(seed).sample(list(records), count)
+        return (lambda i: i >= total - k), total
+    chosen = frozenset(random.Random(seed).sample(range(total), k))  # ints only, never records
+    return chosen.__contains__, total
 
 
-def synthetic_world(uri: str, work: Path, seed: int) -> tuple[Path, str]:
-    """(world dir, kind) for synthetic://shapes/<kind>[?n=N]; one world per (seed, n), generated once."""
-    from model import shapes_world
-
-    parsed = urlparse(uri)
-    kind = parsed.path.strip("/")
-    if parsed.netloc != "shapes" or kind not in (*shapes_world.KINDS, *shapes_world.EVAL_KINDS):
-        raise CurationError(f"{uri}: not synthetic://shapes/<kind> with kind in {shapes_world.KINDS}")
-    n = int(parse_qs(parsed.query).get("n", [SYNTHETIC_DEFAULT_N])[0])
-    world = work / f"shapes-seed{seed}-n{n}"
-    if not (world / "world.json").exists():
-        shapes_world.generate_world(world, seed=seed, n_per_kind=n, n_eval=64)
-    return world, kind
+def apply_sampling(records: list[T], strategy: str, seed: int) -> list[T]:
+    """select_indices over an in-memory list (records keep their order)."""
+    selected, _ = select_indices(strategy, lambda: len(records), seed)
+    return [r for i, r in enumerate(records) if selected(i)]
 
 
-def load_source(source: DataSource, work: Path, seed: int) -> tuple[list[dict[str, Any]], Path]:
-    """(records, media root) of one mixture entry."""
-    if source.dataset_uri is not None:
-        if source.dataset_uri.startswith("synthetic://"):
-            world, kind = synthetic_world(source.dataset_uri, work, seed)
-            return json.loads((world / f"{kind}.json").read_text()), world
-        raise CurationError(f"{source.dataset_uri}: only synthetic:// dataset URIs are readable offline; "
-                            "export the dataset to LLaVA JSON + media and name it with json_path")
-    path = source.json_path
-    raw = storage.read_bytes(path) if storage.is_s3(path) else Path(path).read_bytes()
-    try:
-        text = raw.decode("utf-8")
-        records = [json.loads(line) for line in text.splitlines() if line.strip()] if path.endswith(".jsonl") \
-            else json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CurationError(f"{path}: not valid JSON/JSONL ({err})") from None
-    if not isinstance(records, list):
-        raise CurationError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
-    root = Path(source.media_root) if source.media_root else Path(path).parent
-    return records, root
+def _check_item(item: tuple[RawRecord, dict[str, bytes | str]], limits: Limits) -> Verdict:
+    return check_record(item[0].record, item[1], limits)
 
 
-def _media_paths(record: dict[str, Any]) -> list[str]:
-    out = []
-    for field in ("image", "video"):
-        value = record.get(field)
-        out += [value] if isinstance(value, str) else list(value or [])
-    return out
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, window: int = 64) -> Iterator[tuple[T, R]]:
+    """(item, fn(item)) in input order; with workers > 1, at most `window` items in flight per worker."""
+    if workers <= 1:
+        for item in items:
+            yield item, fn(item)
+        return
+    # spawn, not fork: the parent may hold torch/MLflow threads, and a forked lock never wakes up.
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        pending: deque[tuple[T, Any]] = deque()
+        for item in items:
+            pending.append((item, pool.submit(fn, item)))
+            if len(pending) >= window * workers:
+                head, future = pending.popleft()
+                yield head, future.result()
+        while pending:
+            head, future = pending.popleft()
+            yield head, future.result()
 
 
-def check_record(record: Any, root: Path, video_frames: int | None) -> tuple[dict[str, bytes] | None, str | None]:
-    """(media bytes by path, None) for a usable record, else (None, reason)."""
-    if not isinstance(record, dict) or not isinstance(record.get("id"), (str, int)):
-        return None, "record is not an object with an 'id'"
-    try:
-        turns = chat.normalise_turns(record.get("conversations"))
-    except chat.ConversationError as err:
-        return None, str(err)
-    if turns[-1][0] != "assistant":
-        return None, "a training conversation must end with an assistant turn"
-    images = record.get("image")
-    images = [images] if isinstance(images, str) else list(images or [])
-    videos = [record["video"]] if isinstance(record.get("video"), str) else list(record.get("video") or [])
-    n_image, n_video = chat.count_placeholders(record["conversations"])
-    if (n_image, n_video) != (len(images), len(videos)):
-        return None, f"{n_image} <image>/{n_video} <video> placeholders for {len(images)} image(s)/{len(videos)} video(s)"
-    if videos and not video_frames:
-        return None, "video sample in a stage without video_frames"
-    media: dict[str, bytes] = {}
-    for rel in _media_paths(record):
-        if Path(rel).is_absolute() or ".." in Path(rel).parts or re.match(r"^[a-z]+://", rel):
-            return None, f"media path {rel!r} must be relative to the media root"
-        try:
-            data = (root / rel).read_bytes()
-            if rel in images:
-                decode_image(data, rel)
-            else:
-                load_video(rel, 1, data=data)
-        except OSError:
-            return None, f"media file {rel} is missing"
-        except MediaError as err:
-            return None, str(err)
-        media[rel] = data
-    return media, None
+def _media_of(raw: RawRecord, source: Source) -> dict[str, bytes | str]:
+    """Each media path of the record -> its bytes, or the message saying why it has none."""
+    record = raw.record
+    if not isinstance(record, dict):
+        return {}
+    media: dict[str, bytes | str] = {}
+    for key in ("image", "video"):
+        value = record.get(key)
+        for rel in [value] if isinstance(value, str) else (value if isinstance(value, list) else []):
+            if not isinstance(rel, str) or rel in media:
+                continue
+            try:
+                media[rel] = raw.media[rel] if rel in raw.media else source.media.read(check_relative(rel))
+            except MediaMissing as err:
+                media[rel] = str(err)
+    return media
+
+
+class _Quarantine:
+    def __init__(self, path: Path):
+        self.stream = open(path, "w", encoding="utf-8")
+
+    def add(self, source: SourceStats, raw: RawRecord, code: str, message: str) -> None:
+        source.reasons[code] += 1
+        record_id = raw.record.get("id") if isinstance(raw.record, dict) else None
+        entry = {"source": source.name, "index": raw.index, "id": record_id, "reason_code": code,
+                 "reason": message, "record": raw.record, "raw": raw.raw}
+        self.stream.write(json.dumps(entry, default=str, sort_keys=True) + "\n")  # ASCII: lone surrogates escape
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+def _kept_records(recipe: Recipe, stage_name: str, work: Path, workers: int, stats: CardStats,
+                  quarantine: _Quarantine, recaption_uri: str) -> Iterator[tuple[dict[str, Any], dict[str, bytes]]]:
+    """The stage's kept (record, media) in deterministic order; counts and quarantines the rest."""
+    stage = getattr(recipe.stages, stage_name)
+    limits = Limits.for_stage(recipe, stage_name)
+    dedup = Deduplicator(recipe.curation.dedup, recipe.curation.near_dup_distance)
+    for index, entry in enumerate(stage.data):
+        source = open_source(entry, work, recipe.training.seed)
+        selected, available = select_indices(entry.sampling_strategy, source.count, recipe.training.seed + index)
+        counts = SourceStats(source.name, entry.sampling_strategy, available)
+        stats.sources.append(counts)
+
+        def items(source: Source = source, counts: SourceStats = counts) -> Iterator[tuple[RawRecord, dict]]:
+            for raw in source.records():
+                if not selected(raw.index):
+                    continue
+                counts.records_in += 1
+                if raw.error is not None:
+                    counts.rejected += 1
+                    quarantine.add(counts, raw, "unreadable", raw.error)
+                    continue
+                media = _media_of(raw, source)
+                raw.media = {}  # now in `media`: don't ship the bytes to a worker twice
+                yield raw, media
+
+        checked = ordered_map(functools.partial(_check_item, limits=limits), items(), workers)
+        kept = _deduplicated(checked, counts, dedup, stats, quarantine)
+        if entry.recaption is not None:
+            from components.curate.recaption import recaption
+
+            kept = recaption(kept, entry.recaption, _join(recaption_uri, f"source-{index}"))
+        yield from kept
+
+
+def _join(uri: str, name: str) -> str:
+    return storage.join(uri, name) if storage.is_s3(uri) else os.path.join(uri, name)
+
+
+def _deduplicated(checked: Iterator[tuple[tuple[RawRecord, dict], Verdict]], counts: SourceStats,
+                  dedup: Deduplicator, stats: CardStats, quarantine: _Quarantine
+                  ) -> Iterator[tuple[dict[str, Any], dict[str, bytes]]]:
+    for (raw, media), verdict in checked:
+        if verdict.reason_code is not None:
+            counts.rejected += 1
+            quarantine.add(counts, raw, verdict.reason_code, verdict.reason or "")
+            continue
+        hit = dedup.check(verdict, f"{counts.name}#{raw.index}")
+        if hit is not None:
+            counts.duplicates += 1
+            quarantine.add(counts, raw, *hit)
+            continue
+        stats.add_kept(verdict, counts)
+        record = verdict.record
+        record["meta"]["source"] = counts.name
+        yield record, media
+
+
+def _shard_table(staging: Path) -> list[dict[str, Any]]:
+    import tarfile
+
+    table = []
+    for shard in sorted(staging.glob("shard-*.tar")):
+        with tarfile.open(shard, "r:") as tar:
+            records = sum(1 for m in tar if m.name.endswith(".json"))
+        table.append({"name": shard.name, "records": records, "bytes": shard.stat().st_size,
+                      "sha256": storage.sha256_file(shard)})
+    return table
 
 
 def curate_stage(recipe: Recipe, stage_name: str, out: str, work_dir: str | None = None,
-                 max_per_shard: int = 500) -> dict[str, Any]:
-    """Build and publish one stage's shards; returns the curation summary."""
-    stage = getattr(recipe.stages, stage_name)
+                 workers: int | None = None) -> dict[str, Any]:
+    """Build and publish one stage's shards under `out`; returns the summary (also in curation.json)."""
+    if getattr(recipe.stages, stage_name, None) is None:
+        raise CurationError(f"recipe {recipe.name} has no stage {stage_name!r}")
+    workers = workers if workers is not None else (recipe.curation.workers or os.cpu_count() or 1)
     work = Path(work_dir or tempfile.mkdtemp(prefix=f"curate-{stage_name}-"))
     work.mkdir(parents=True, exist_ok=True)
-    kept: list[tuple[dict[str, Any], dict[str, bytes]]] = []
-    rejected: list[dict[str, Any]] = []
-    sources = []
-    for index, source in enumerate(stage.data):
-        records, root = load_source(source, work, recipe.training.seed)
-        chosen = apply_sampling(records, source.sampling_strategy, recipe.training.seed + index)
-        reasons: Counter[str] = Counter()
-        for record in chosen:
-            media, reason = check_record(record, root, stage.video_frames)
-            if reason is None:
-                kept.append((record, media))
-            else:
-                reasons[reason.split(":")[0]] += 1
-                rejected.append({"source": source.json_path or source.dataset_uri, "reason": reason, "record": record})
-        sources.append({"source": source.json_path or source.dataset_uri, "strategy": source.sampling_strategy,
-                        "available": len(records), "sampled": len(chosen), "rejected": sum(reasons.values())})
-    random.Random(recipe.training.seed).shuffle(kept)  # sources interleave; the sampler reorders per epoch
     staging = Path(tempfile.mkdtemp(prefix=f"publish-{stage_name}-", dir=work))  # never a previous run's files
-    write_shards(kept, staging, max_per_shard=max_per_shard)
-    (staging / "rejected.jsonl").write_text("".join(json.dumps(r, default=str) + "\n" for r in rejected))
-    summary = {"stage": stage_name, "kept": len(kept), "rejected": len(rejected), "sources": sources}
-    (staging / "curation.json").write_text(json.dumps(summary, indent=1))
-    storage.publish_dir(staging, out, metadata={"kept": len(kept), "rejected": len(rejected)})
+    stats = CardStats()
+    quarantine = _Quarantine(staging / "quarantine.jsonl")
+    started = time.perf_counter()
+    try:
+        kept = _kept_records(recipe, stage_name, work, workers, stats, quarantine, f"{out.rstrip('/')}-recaption")
+        write_shards(kept, staging, max_per_shard=recipe.curation.shard_max_records,
+                     max_bytes=recipe.curation.shard_max_bytes)
+    finally:
+        quarantine.close()
+    seconds = time.perf_counter() - started
+    card = stats.card(stage_name, recipe.name, recipe.hash(), _shard_table(staging))
+    for source in card["sources"]:  # the invariant the quarantine promises; a bug here must not publish
+        if source["records_in"] != source["kept"] + source["duplicates"] + source["rejected"]:
+            raise RuntimeError(f"curation counts do not reconcile for {source['source']}: {source}")
+    (staging / "curation.json").write_text(json.dumps(card, indent=1, sort_keys=True))
+    (staging / "data_card.json").write_text(json.dumps(card, indent=1, sort_keys=True))
+    (staging / "data_card.md").write_text(render_markdown(card))
+    storage.publish_dir(staging, out, metadata=dict(card["totals"], stage=stage_name))
+    records_in = card["totals"]["records_in"]
+    return {**card, "uri": out, "seconds": seconds, "records_per_s": records_in / seconds if seconds else 0.0,
+            "workers": workers, "card_markdown": render_markdown(card)}
+
+
+def _read_recipe(recipe_uri: str) -> Recipe:
+    if storage.is_s3(recipe_uri):
+        import yaml
+
+        return parse_recipe(yaml.safe_load(storage.read_bytes(recipe_uri)))
+    return load_recipe(recipe_uri)
+
+
+def run(recipe_uri: str, stage: str, out_uri: str, workers: int | None = None,
+        mlflow_parent: str | None = None, work_dir: str | None = None) -> dict[str, Any]:
+    """The pipeline step: curate `stage` of the recipe at `recipe_uri` (path or s3://) into `out_uri`.
+
+    With `mlflow_parent`, logs counts, throughput and the data card (JSON + Markdown) to a nested run
+    `curate_<stage>` under that pipeline run.
+    """
+    recipe = _read_recipe(recipe_uri)
+    if not mlflow_parent:
+        summary = curate_stage(recipe, stage, out_uri, work_dir, workers)
+    else:
+        import mlflow
+
+        from onevision import tracking
+
+        with tracking.step_run(f"curate_{stage}", mlflow_parent, params={"out_uri": out_uri}):
+            summary = curate_stage(recipe, stage, out_uri, work_dir, workers)
+            mlflow.log_metrics({**summary["totals"], "records_per_s": summary["records_per_s"]})
+            card = {k: v for k, v in summary.items() if k not in ("card_markdown", "seconds", "records_per_s", "workers", "uri")}
+            mlflow.log_dict(card, "data_card.json")
+            mlflow.log_text(summary["card_markdown"], "data_card.md")
+    summary["manifest_sha256"] = storage.manifest_hash(out_uri)
     return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipe", required=True, help="recipe YAML, local path or s3://")
+    parser.add_argument("--stage", required=True, help="stage1 | stage1_5 | stage2_si | stage2_ov")
+    parser.add_argument("--out", required=True, help="where the shards are published (path or s3://)")
+    parser.add_argument("--workers", type=int, default=None, help="check processes (default: recipe, 0 = cores)")
+    parser.add_argument("--mlflow-parent", default=None, help="parent MLflow run id of the pipeline run")
+    args = parser.parse_args(argv)
+    summary = run(args.recipe, args.stage, args.out, args.workers, args.mlflow_parent)
+    print(json.dumps({k: summary[k] for k in ("uri", "totals", "records_per_s", "manifest_sha256")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -49,7 +49,7 @@ def curated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("curated")
     recipe = load_recipe(small_recipe(tmp))
     return {name: Path(tmp / name) for name in STAGES
-            if curate_stage(recipe, name, str(tmp / name), work_dir=str(tmp / "work"))["kept"]}
+            if curate_stage(recipe, name, str(tmp / name), work_dir=str(tmp / "work"))["totals"]["kept"]}
 
 
 def train(recipe: Path, stage: str, data: Path, out: Path, *extra: str, procs: int = 1,

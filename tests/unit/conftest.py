@@ -8,15 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from onevision.recipe import Recipe, load_recipe
+from onevision.recipe import Recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="session")
-def tiny_recipe() -> Recipe:
-    return load_recipe(ROOT / "recipes/tiny.yaml")
 
 
 @pytest.fixture()
