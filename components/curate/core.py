@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import os
 import random
@@ -32,11 +33,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from components.curate.card import CardStats, SourceStats, render_markdown
-from components.curate.checks import Limits, Verdict, check_record
+from components.curate.checks import Limits, Verdict, check_item
 from components.curate.dedup import Deduplicator
 from components.curate.sources import (CurationError, MediaMissing, RawRecord, Source, check_relative,
                                        open_source, synthetic_world)
-from model.shards import write_shards
 from onevision import storage
 from onevision.recipe import Recipe, load_recipe, parse_recipe
 
@@ -67,27 +67,31 @@ def apply_sampling(records: list[T], strategy: str, seed: int) -> list[T]:
     return [r for i, r in enumerate(records) if selected(i)]
 
 
-def _check_item(item: tuple[RawRecord, dict[str, bytes | str]], limits: Limits) -> Verdict:
-    return check_record(item[0].record, item[1], limits)
+def _map_chunk(fn: Callable[[T], R], chunk: list[T]) -> list[R]:
+    return [fn(item) for item in chunk]
 
 
-def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, window: int = 64) -> Iterator[tuple[T, R]]:
-    """(item, fn(item)) in input order; with workers > 1, at most `window` items in flight per worker."""
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, chunk: int = 16,
+                window: int = 4) -> Iterator[tuple[T, R]]:
+    """(item, fn(item)) in input order; with workers > 1, chunks of `chunk` items go to worker processes
+    and at most `window` chunks per worker are in flight (memory stays bounded however long `items` is)."""
     if workers <= 1:
         for item in items:
             yield item, fn(item)
         return
     # spawn, not fork: the parent may hold torch/MLflow threads, and a forked lock never wakes up.
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        pending: deque[tuple[T, Any]] = deque()
-        for item in items:
-            pending.append((item, pool.submit(fn, item)))
-            if len(pending) >= window * workers:
-                head, future = pending.popleft()
-                yield head, future.result()
-        while pending:
-            head, future = pending.popleft()
-            yield head, future.result()
+        pending: deque[tuple[list[T], Any]] = deque()
+        iterator = iter(items)
+        while True:
+            batch = list(itertools.islice(iterator, chunk))
+            if batch:
+                pending.append((batch, pool.submit(_map_chunk, fn, batch)))
+            if pending and (not batch or len(pending) >= window * workers):
+                done, future = pending.popleft()
+                yield from zip(done, future.result())
+            if not batch and not pending:
+                return
 
 
 def _media_of(raw: RawRecord, source: Source) -> dict[str, bytes | str]:
@@ -148,7 +152,7 @@ def _kept_records(recipe: Recipe, stage_name: str, work: Path, workers: int, sta
                 raw.media = {}  # now in `media`: don't ship the bytes to a worker twice
                 yield raw, media
 
-        checked = ordered_map(functools.partial(_check_item, limits=limits), items(), workers)
+        checked = ordered_map(functools.partial(check_item, limits=limits), items(), workers)
         kept = _deduplicated(checked, counts, dedup, stats, quarantine)
         if entry.recaption is not None:
             from components.curate.recaption import recaption
@@ -204,6 +208,8 @@ def curate_stage(recipe: Recipe, stage_name: str, out: str, work_dir: str | None
     stats = CardStats()
     quarantine = _Quarantine(staging / "quarantine.jsonl")
     started = time.perf_counter()
+    from model.shards import write_shards  # here: spawned workers re-import this module, and this pulls torch
+
     try:
         kept = _kept_records(recipe, stage_name, work, workers, stats, quarantine, f"{out.rstrip('/')}-recaption")
         write_shards(kept, staging, max_per_shard=recipe.curation.shard_max_records,
@@ -253,7 +259,7 @@ def run(recipe_uri: str, stage: str, out_uri: str, workers: int | None = None,
             card = {k: v for k, v in summary.items() if k not in ("card_markdown", "seconds", "records_per_s", "workers", "uri")}
             mlflow.log_dict(card, "data_card.json")
             mlflow.log_text(summary["card_markdown"], "data_card.md")
-    summary["manifest_sha256"] = storage.manifest_hash(out_uri)
+    summary.update(summary["totals"], manifest_sha256=storage.manifest_hash(out_uri))
     return summary
 
 

@@ -125,12 +125,19 @@ def _quarantine(out: Path) -> list[dict]:
 
 def test_each_planted_defect_lands_in_quarantine_with_its_reason(tmp_path: Path, tiny_recipe) -> None:
     data = planted_corpus(tmp_path / "src")
-    recipe = _recipe(tiny_recipe, [{"json_path": str(data)}], workers=1)
+    # a second source (a JSON list) repeating a kept record of the first: duplicates across sources too
+    (tmp_path / "src" / "second.json").write_text(json.dumps([{"id": "cross-source", "image": "img/good-copy.png",
+                                                               "conversations": q()}]))
+    recipe = _recipe(tiny_recipe, [{"json_path": str(data)}, {"json_path": str(tmp_path / "src" / "second.json")}],
+                     workers=1)
     summary = curate_stage(recipe, "stage2_si", str(tmp_path / "out"), work_dir=str(tmp_path / "work"))
 
     quarantine = _quarantine(tmp_path / "out")
     reasons = {e["id"]: e["reason_code"] for e in quarantine if e["id"] is not None}
-    assert reasons == {k: v for k, v in EXPECTED.items() if v is not None}
+    assert reasons == {**{k: v for k, v in EXPECTED.items() if v is not None}, "cross-source": "duplicate"}
+    assert summary["sources"][1] | {"source": None} == {
+        "source": None, "strategy": "all", "available": None, "records_in": 1, "kept": 0, "duplicates": 1,
+        "rejected": 0, "prompts_normalised": 0, "reasons": {"duplicate": 1}}
     unreadable = [e for e in quarantine if e["reason_code"] == "unreadable"]
     assert sorted(e["reason"].split(" ")[0] for e in unreadable) == ["invalid", "not"]  # bad UTF-8, bad JSON
     assert all(e["raw"] for e in unreadable)  # the unparseable line itself is kept
@@ -140,7 +147,7 @@ def test_each_planted_defect_lands_in_quarantine_with_its_reason(tmp_path: Path,
     source = summary["sources"][0]
     assert source["records_in"] == len(EXPECTED) + 2 == source["kept"] + source["duplicates"] + source["rejected"]
     assert (source["kept"], source["duplicates"]) == (4, 2)
-    assert storage.read_manifest(str(tmp_path / "out"))["metadata"]["kept"] == 4
+    assert storage.read_manifest(str(tmp_path / "out"))["metadata"]["kept"] == summary["totals"]["kept"] == 4
     shards = ShardDataset(sorted((tmp_path / "out").glob("*.tar")))
     kept = {shards.record(i)["id"]: shards.record(i) for i in range(len(shards))}
     assert set(kept) == {k for k, v in EXPECTED.items() if v is None}
@@ -271,3 +278,33 @@ def _peak_python_memory(tmp_path: Path, tiny_recipe, n: int) -> int:
 def test_memory_stays_flat_as_the_source_grows(tmp_path: Path, tiny_recipe) -> None:
     small, large = _peak_python_memory(tmp_path, tiny_recipe, 100), _peak_python_memory(tmp_path, tiny_recipe, 800)
     assert large < 1.5 * small, (small, large)  # 8x the records, not 8x the memory
+
+
+def test_a_recaptioned_source_is_resumable_in_the_flow(tmp_path: Path, tiny_recipe, monkeypatch) -> None:
+    from model.builder import build_tiny
+
+    model, processor = build_tiny(tiny_recipe)
+    model.save_pretrained(tmp_path / "captioner")
+    processor.save_pretrained(tmp_path / "captioner")
+    doc = tiny_recipe.model_dump(mode="json")
+    doc["stages"]["stage1_5"]["data"] = [{"dataset_uri": "synthetic://shapes/descriptions?n=12", "recaption": {
+        "model": str(tmp_path / "captioner"), "batch_size": 4, "max_new_tokens": 6}}]
+    recipe = parse_recipe(doc)
+    summary = curate_stage(recipe, "stage1_5", str(tmp_path / "out"), work_dir=str(tmp_path / "w"), workers=1)
+    shards = ShardDataset(sorted((tmp_path / "out").glob("*.tar")))
+    records = [shards.record(i) for i in range(len(shards))]
+    assert len(records) == summary["totals"]["kept"] > 0
+    assert all(r["meta"].get("recaptioned_by") == str(tmp_path / "captioner") or r["meta"].get("recaption_error")
+               for r in records)
+    parts = sorted((tmp_path / "out-recaption" / "source-0").glob("part-*.jsonl"))
+    assert len(parts) == -(-len(records) // 4)  # one progress part per batch of 4
+    first = _tree(tmp_path / "out")
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("a rerun must reuse the stored captions")
+
+    import components.curate.recaption as recaption_module
+
+    monkeypatch.setattr(recaption_module, "generate", no_generation)
+    curate_stage(recipe, "stage1_5", str(tmp_path / "out"), work_dir=str(tmp_path / "w"), workers=1)
+    assert _tree(tmp_path / "out") == first  # resumed from the progress parts, same bytes
