@@ -1,7 +1,7 @@
 """Curation throughput (records/s) with 1 and 2 workers vs. the decode-only limit, as ratios.
 
     .venv/bin/python benchmarks/bench_curation.py                  # writes benchmarks/results/curation.json
-    .venv/bin/python benchmarks/bench_curation.py --records 200    # quicker
+    .venv/bin/python benchmarks/bench_curation.py --records 300    # quicker (worker start-up, ~1 s, then dominates)
 
 Corpus: a LLaVA JSONL of single-image VQA records over photo-like JPEGs (smooth random fields, 384x384
 and 768x512, the sizes of real training images), each image stored once on local disk.
@@ -70,7 +70,7 @@ def curate(corpus: Path, work: Path, workers: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--records", type=int, default=400)
+    parser.add_argument("--records", type=int, default=1200)
     parser.add_argument("--repeats", type=int, default=2, help="best of N for each variant")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/curation.json"))
     args = parser.parse_args()

@@ -201,7 +201,8 @@ def curate_stage(recipe: Recipe, stage_name: str, out: str, work_dir: str | None
     """Build and publish one stage's shards under `out`; returns the summary (also in curation.json)."""
     if getattr(recipe.stages, stage_name, None) is None:
         raise CurationError(f"recipe {recipe.name} has no stage {stage_name!r}")
-    workers = workers if workers is not None else (recipe.curation.workers or os.cpu_count() or 1)
+    workers = recipe.curation.workers if workers is None else workers
+    workers = workers or os.cpu_count() or 1  # 0 = one per core, from the recipe or the caller
     work = Path(work_dir or tempfile.mkdtemp(prefix=f"curate-{stage_name}-"))
     work.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f"publish-{stage_name}-", dir=work))  # never a previous run's files
