@@ -214,18 +214,32 @@ class TrainingSpec(_Strict):
 
 
 class EvalTask(_Strict):
-    """One lmms-eval task; the gate passes when every task's metric reaches its threshold."""
+    """One lmms-eval task and metric (as lmms-eval names and scales them) and its gate."""
 
     name: str
     metric: str
-    threshold: float | None = None  # None: reported, not gated
+    threshold: float | None = None  # absolute floor; None: reported, not gated
+    max_regression: float | None = Field(None, ge=0)  # may trail the registry's champion by at most this
     limit: int | None = Field(None, gt=0)  # samples per task (tiny runs)
+
+
+class PublishedScore(_Strict):
+    """A published LLaVA-OneVision number for comparison tables (not a gate)."""
+
+    task: str
+    metric: str
+    scale: float = Field(1.0, gt=0)  # lmms-eval value x scale = the published unit (100 for 0-1 metrics)
+    stage2_si: float | None = None  # the single-image checkpoint
+    stage2_ov: float | None = None  # the OneVision checkpoint
 
 
 class EvaluationSpec(_Strict):
     after_stages: list[Literal["stage1", "stage1_5", "stage2_si", "stage2_ov"]] = ["stage2_si", "stage2_ov"]
     tasks: list[EvalTask] = Field(min_length=1)
-    batch_size: int = Field(1, gt=0)
+    batch_size: int = Field(1, gt=0)  # the paper's protocol: 1
+    registered_model: str | None = None  # MLflow registered model (champion); None: llava-onevision-<recipe name>
+    published: list[PublishedScore] = []
+    published_source: str = ""
 
 
 class CurationSpec(_Strict):
@@ -305,6 +319,10 @@ class Recipe(_Strict):
             raise ValueError("stages: at least one stage is required unless model.init_from is set")
         return self
 
+    @property
+    def registered_model_name(self) -> str:
+        return self.evaluation.registered_model or f"llava-onevision-{self.name}"
+
     def hash(self) -> str:
         """sha256 of the resolved recipe (canonical JSON): the lineage key of every artifact."""
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
@@ -357,7 +375,12 @@ def parse_recipe(doc: dict[str, Any], source: str = "<recipe>") -> Recipe:
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Read, resolve `extends`, and validate a recipe file."""
+    """Read, resolve `extends`, and validate a recipe file (a local path, or an s3:// object holding a
+    resolved recipe such as the one a pipeline run publishes)."""
+    from onevision import storage
+
+    if storage.is_s3(str(path)):
+        return parse_recipe(yaml.safe_load(storage.read_bytes(str(path))), str(path))
     return parse_recipe(_read_yaml(Path(path)), str(path))
 
 

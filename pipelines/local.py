@@ -7,7 +7,7 @@ Steps, each a nested MLflow run under the pipeline's parent run, each reading an
   recipe    the resolved recipe, published
   curate    per stage: the mixture sampled, validated, deduplicated and sharded; quarantine + data card
   stage*    per stage: `python -m model.train` in its own process, as a pipeline pod runs it; resumable
-  evaluate  held-out exact-match accuracy per question type of the final model (synthetic world)
+  evaluate  after the recipe's `evaluation.after_stages`: lmms-eval on the stage's checkpoint, gated
 A run id that already exists resumes: finished steps are skipped, an interrupted stage continues.
 """
 
@@ -58,29 +58,24 @@ def _train(recipe_path: str, stage: str, data: str, out: str, init: str | None, 
         raise RuntimeError(f"{stage}: training failed (exit {done.returncode}); rerun with the same --run-id to resume")
 
 
-def _evaluate(recipe: Recipe, model_uri: str, run_uri: str, work: Path) -> dict[str, Any]:
-    """Held-out accuracy per question type on the synthetic world's eval splits."""
-    import mlflow
+def _evaluate(recipe_path: str, stage: str, model_uri: str, out: str, parent: str, work: Path) -> dict[str, Any]:
+    """lmms-eval on the stage's checkpoint (components/evaluate); a published result is not redone."""
+    from components.evaluate.core import run as evaluate_run
 
-    from components.curate.core import synthetic_world
-    from model.builder import load_pretrained
-    from model.generation import score_by_task
-    from model.shapes_world import EVAL_KINDS
-
-    world, _ = synthetic_world("synthetic://shapes/captions", work / "world", recipe.training.seed)
-    records = [r for kind in EVAL_KINDS for r in json.loads((world / f"{kind}.json").read_text())]
-    model, processor = load_pretrained(model_uri)
-    scores = score_by_task(model, processor, records, world)
-    with tempfile.TemporaryDirectory() as tmp:
-        Path(tmp, "scores.json").write_text(json.dumps(scores, indent=1))
-        storage.publish_dir(tmp, f"{run_uri}/evaluate", metadata={"model": model_uri})
-        mlflow.log_artifact(str(Path(tmp, "scores.json")))
-    mlflow.log_metrics({f"{task}_accuracy": s["accuracy"] for task, s in scores.items()})
-    return scores
+    done = _done(out)
+    if done is None:
+        report = evaluate_run(str(Path(recipe_path).absolute()), stage, model_uri, out, mlflow_parent=parent,
+                              work_dir=str(work / f"evaluate-{stage}"))
+        done = _done(out)
+        print(report["comparison_markdown"], flush=True)
+    scores = {k: v for k, v in done.items() if "/" in k}
+    print(f"evaluate   {stage}: gate {'passed' if done['gate_passed'] else 'FAILED'}  "
+          + "  ".join(f"{k} {v:.2f}" for k, v in scores.items()), flush=True)
+    return {"gate_passed": done["gate_passed"], "scores": scores}
 
 
 def run_local(recipe_path: str, state_dir: str | None = None, run_id: str | None = None) -> dict[str, Any]:
-    """Run the flow; returns the run's ids, URIs and held-out scores."""
+    """Run the flow; returns the run's ids, URIs and the evaluations (gate, scores) per evaluated stage."""
     from components.curate.core import run as curate_run
 
     recipe = load_recipe(recipe_path)
@@ -98,6 +93,7 @@ def run_local(recipe_path: str, state_dir: str | None = None, run_id: str | None
         with tracking.step_run("recipe", parent, params={"recipe_path": recipe_path}):
             _publish_recipe(recipe, run_uri)
     init = None
+    evaluations: dict[str, dict[str, Any]] = {}
     for name, _ in recipe.stages.enabled():
         data = f"{run_uri}/curate/{name}"
         if _done(data) is None:
@@ -110,11 +106,8 @@ def run_local(recipe_path: str, state_dir: str | None = None, run_id: str | None
             _train(str(Path(recipe_path).absolute()), name, data, out, init, parent, work)
         print(f"train      {name}: {json.dumps(_done(f'{out}/hf'), default=str)}", flush=True)
         init = f"{out}/hf"
+        if name in recipe.evaluation.after_stages:
+            evaluations[name] = _evaluate(recipe_path, name, init, f"{run_uri}/evaluate/{name}", parent, work)
 
-    scores: dict[str, Any] = {}
-    if init and recipe.model.vision_tower == "tiny":
-        with tracking.step_run("evaluate", parent, params={"model": init}):
-            scores = _evaluate(recipe, init, run_uri, work)
-        for task, s in scores.items():
-            print(f"evaluate   {task:16s} accuracy {s['accuracy']:.2f} (chance {s['chance']:.2f}, n={s['n']})")
-    return {"run_id": run_id, "run_uri": run_uri, "mlflow_parent_run": parent, "model_uri": init, "scores": scores}
+    return {"run_id": run_id, "run_uri": run_uri, "mlflow_parent_run": parent, "model_uri": init,
+            "evaluations": evaluations}

@@ -38,7 +38,7 @@ from components.curate.dedup import Deduplicator
 from components.curate.sources import (CurationError, MediaMissing, RawRecord, Source, check_relative,
                                        open_source, synthetic_world)
 from onevision import storage
-from onevision.recipe import Recipe, load_recipe, parse_recipe
+from onevision.recipe import Recipe, load_recipe
 
 __all__ = ["CurationError", "apply_sampling", "curate_stage", "run", "select_indices", "synthetic_world"]
 T = TypeVar("T")
@@ -231,14 +231,6 @@ def curate_stage(recipe: Recipe, stage_name: str, out: str, work_dir: str | None
             "workers": workers, "card_markdown": render_markdown(card)}
 
 
-def _read_recipe(recipe_uri: str) -> Recipe:
-    if storage.is_s3(recipe_uri):
-        import yaml
-
-        return parse_recipe(yaml.safe_load(storage.read_bytes(recipe_uri)))
-    return load_recipe(recipe_uri)
-
-
 def run(recipe_uri: str, stage: str, out_uri: str, workers: int | None = None,
         mlflow_parent: str | None = None, work_dir: str | None = None) -> dict[str, Any]:
     """The pipeline step: curate `stage` of the recipe at `recipe_uri` (path or s3://) into `out_uri`.
@@ -246,7 +238,7 @@ def run(recipe_uri: str, stage: str, out_uri: str, workers: int | None = None,
     With `mlflow_parent`, logs counts, throughput and the data card (JSON + Markdown) to a nested run
     `curate_<stage>` under that pipeline run.
     """
-    recipe = _read_recipe(recipe_uri)
+    recipe = load_recipe(recipe_uri)
     if not mlflow_parent:
         summary = curate_stage(recipe, stage, out_uri, work_dir, workers)
     else:
