@@ -10,8 +10,8 @@
 Protocol (the paper's): `python -m lmms_eval --model onevision` (our plugin, components/evaluate/
 lmms_model.py: the training-time template and processing), greedy, 0-shot, `evaluation.batch_size`
 (1 by default), video frames from the recipe. Tasks are the recipe's: lmms-eval's own (ai2d, chartqa,
-docvqa_val, mme, mmmu_val, ... read from the HF datasets cache, `HF_HOME` on a PVC or mirrored, with
-HF_HUB_OFFLINE=1: pods need no internet) and our offline `shapes_*` tasks. lmms-eval exits 0 even when
+docvqa_val, mme, mmmu_val, ... read from an HF datasets cache: ONEVISION_HF_CACHE_URI, a PVC folder or
+an s3:// mirror, with HF_HUB_OFFLINE=1: pods need no internet) and our offline `shapes_*` tasks. lmms-eval exits 0 even when
 a task failed, so the results JSON is checked: every task present, its metric a number, samples > 0;
 otherwise EvaluationError names the task and quotes lmms-eval's log. The gate (absolute thresholds,
 and "at most max_regression below the registry's champion") is an output, not an exception.
@@ -64,7 +64,8 @@ def run_lmms_eval(model_dir: str, tasks: list[EvalTask], out_dir: Path, *, templ
     if builtin_limits - {None}:
         cmd += ["--limit", str(max(builtin_limits - {None}))]
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-           "HF_DATASETS_OFFLINE": os.environ.get("HF_DATASETS_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false"}
+           "HF_DATASETS_OFFLINE": os.environ.get("HF_DATASETS_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false",
+           **hf_cache_env(work)}
     done = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
     log = done.stdout + "\n" + done.stderr
     (out_dir / "lmms_eval.log").parent.mkdir(parents=True, exist_ok=True)
@@ -76,6 +77,22 @@ def run_lmms_eval(model_dir: str, tasks: list[EvalTask], out_dir: Path, *, templ
     results = json.loads(found[-1].read_text())
     check_results(results, tasks, log)
     return results, found[-1].parent
+
+
+def hf_cache_env(work: Path) -> dict[str, str]:
+    """HF_HOME for lmms-eval's datasets: ONEVISION_HF_CACHE_URI, a folder (a PVC) or an s3:// prefix
+    holding a published copy of an HF cache (fetched once into `work`, sha256-verified); else inherited."""
+    uri = os.environ.get("ONEVISION_HF_CACHE_URI")
+    if not uri:
+        return {}
+    if not storage.is_s3(uri):
+        if not Path(uri).is_dir():
+            raise EvaluationError(f"ONEVISION_HF_CACHE_URI={uri}: no such folder")
+        return {"HF_HOME": uri}
+    local = work / "hf_home"
+    if not local.is_dir():
+        storage.get_dir(uri, local)
+    return {"HF_HOME": str(local)}
 
 
 def check_results(results: dict[str, Any], tasks: list[EvalTask], log: str = "") -> None:

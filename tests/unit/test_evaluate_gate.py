@@ -3,6 +3,8 @@ tests/integration/test_evaluate.py)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from components.evaluate.core import EvaluationError, check_results, comparison_table, gate, scores_of
@@ -68,3 +70,22 @@ def test_build_record_keeps_interleaved_placeholders_or_prepends_them() -> None:
     assert record["image"] == ["img0.png", "img1.png"] and set(media) == {"img0.png", "img1.png"}
     record, _ = build_record("t-1", "What colour?", images[:1])
     assert record["conversations"][0]["value"] == "<image>\nWhat colour?"
+
+
+def test_the_datasets_cache_comes_from_a_folder_or_a_published_mirror(tmp_path, monkeypatch) -> None:
+    from components.evaluate.core import hf_cache_env
+    from onevision import storage
+
+    monkeypatch.delenv("ONEVISION_HF_CACHE_URI", raising=False)
+    assert hf_cache_env(tmp_path) == {}
+    monkeypatch.setenv("ONEVISION_HF_CACHE_URI", str(tmp_path / "absent"))
+    with pytest.raises(EvaluationError, match="no such folder"):
+        hf_cache_env(tmp_path)
+    (tmp_path / "pvc").mkdir()
+    monkeypatch.setenv("ONEVISION_HF_CACHE_URI", str(tmp_path / "pvc"))
+    assert hf_cache_env(tmp_path) == {"HF_HOME": str(tmp_path / "pvc")}
+    fetched = []
+    monkeypatch.setattr(storage, "get_dir", lambda uri, local: fetched.append((uri, local)) or Path(local).mkdir())
+    monkeypatch.setenv("ONEVISION_HF_CACHE_URI", "s3://mirror/hf")
+    assert hf_cache_env(tmp_path) == {"HF_HOME": str(tmp_path / "hf_home")}
+    assert hf_cache_env(tmp_path) and fetched == [("s3://mirror/hf", tmp_path / "hf_home")]  # fetched once
