@@ -43,12 +43,15 @@ def curate(
     metrics: dsl.Output[dsl.Metrics],
 ) -> NamedTuple("Outputs", [("shards_uri", str), ("manifest_sha256", str), ("kept", int)]):
     """Curate one stage's data mixture of the recipe into shards published under out_uri."""
+    import tempfile
     from collections import namedtuple
     from pathlib import Path
 
     from components.curate.core import run
 
-    result = run(recipe_uri, stage, out_uri, workers=workers or None, mlflow_parent=mlflow_parent or None)
+    with tempfile.TemporaryDirectory(prefix="curate-") as scratch:  # sources, staging: what matters is published
+        result = run(recipe_uri, stage, out_uri, workers=workers or None, mlflow_parent=mlflow_parent or None,
+                     work_dir=scratch)
 
     Path(data_card.path).parent.mkdir(parents=True, exist_ok=True)
     Path(data_card.path).write_text(result["card_markdown"], encoding="utf-8")

@@ -10,31 +10,16 @@ compile test checks that the component runs on the project image and installs no
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
-from components import PROJECT_IMAGE
 from onevision import storage, tracking
 from onevision.recipe import dump_recipe, load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL_WORLD = "synthetic://shapes/captions?n=60"
-
-
-@pytest.fixture
-def kfp_local(tmp_path: Path) -> Iterator[Path]:
-    """kfp.local with the subprocess runner (this interpreter, cwd and environment); reset afterwards."""
-    from kfp import local
-
-    root = tmp_path / "pipeline_root"
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root))
-    try:
-        yield root
-    finally:
-        local.config.LocalExecutionConfig.instance = None
 
 
 def small_recipe(tmp_path: Path) -> Path:
@@ -90,23 +75,10 @@ def test_curate_component_runs_locally_on_s3(local_stack: object, kfp_local: Pat
     assert children and all(run.info.status == "FINISHED" for run in children)
 
 
-def test_curate_component_compiles_for_the_project_image(tmp_path: Path) -> None:
-    from google.protobuf import json_format
-    from kfp import compiler
-    from kfp.pipeline_spec import pipeline_spec_pb2
-
+def test_curate_component_compiles_for_the_project_image(compiled_component) -> None:
     from components.curate.component import curate
 
-    path = tmp_path / "curate.yaml"
-    compiler.Compiler().compile(curate, str(path))
-    text = path.read_text()
-    doc = yaml.safe_load(text)
-    json_format.ParseDict(doc, pipeline_spec_pb2.PipelineSpec())  # strict: a misspelt IR field fails
-
-    container = doc["deploymentSpec"]["executors"]["exec-curate"]["container"]
-    assert container["image"] == PROJECT_IMAGE
-    assert "pip install" not in text and "ensurepip" not in text
-
+    doc = compiled_component(curate)
     component = doc["components"]["comp-curate"]
     assert set(component["inputDefinitions"]["parameters"]) == {
         "recipe_uri", "stage", "out_uri", "workers", "mlflow_parent"}

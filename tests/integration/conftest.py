@@ -1,0 +1,47 @@
+"""Fixtures shared by the component tests: kfp.local, and a component compiled and checked strictly."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+
+@pytest.fixture
+def kfp_local(tmp_path: Path) -> Iterator[Path]:
+    """kfp.local with the subprocess runner (this interpreter, cwd and environment); reset afterwards."""
+    from kfp import local
+
+    root = tmp_path / "pipeline_root"
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root))
+    try:
+        yield root
+    finally:
+        local.config.LocalExecutionConfig.instance = None
+
+
+@pytest.fixture
+def compiled_component(tmp_path: Path) -> Callable[[Any], dict[str, Any]]:
+    """Compile a component alone; parse it strictly into PipelineSpec; check it runs on the project
+    image and installs nothing at run time. Returns the IR as a dict."""
+    from google.protobuf import json_format
+    from kfp import compiler
+    from kfp.pipeline_spec import pipeline_spec_pb2
+
+    from components import PROJECT_IMAGE
+
+    def compile_and_check(component: Any) -> dict[str, Any]:
+        path = tmp_path / f"{component.name}.yaml"
+        compiler.Compiler().compile(component, str(path))
+        text = path.read_text()
+        doc = yaml.safe_load(text)
+        json_format.ParseDict(doc, pipeline_spec_pb2.PipelineSpec())  # strict: a misspelt IR field fails
+        (executor,) = doc["deploymentSpec"]["executors"].values()
+        assert executor["container"]["image"] == PROJECT_IMAGE
+        assert "pip install" not in text and "ensurepip" not in text
+        return doc
+
+    return compile_and_check
