@@ -308,3 +308,17 @@ def test_a_recaptioned_source_is_resumable_in_the_flow(tmp_path: Path, tiny_reci
     monkeypatch.setattr(recaption_module, "generate", no_generation)
     curate_stage(recipe, "stage1_5", str(tmp_path / "out"), work_dir=str(tmp_path / "w"), workers=1)
     assert _tree(tmp_path / "out") == first  # resumed from the progress parts, same bytes
+
+
+def test_videos_are_decoded_and_a_broken_one_is_quarantined(tmp_path: Path, tiny_recipe) -> None:
+    from components.curate.sources import synthetic_world
+
+    world, _ = synthetic_world("synthetic://shapes/video?n=4", tmp_path / "w", 7)
+    video = json.loads((world / "video.json").read_text())[0]
+    (world / "videos" / "broken.mp4").write_bytes((world / video["video"]).read_bytes()[:300])
+    records = [video, {**video, "id": "broken-video", "video": "videos/broken.mp4"}]
+    (world / "mixed.json").write_text(json.dumps(records))
+    recipe = _recipe(tiny_recipe, [{"json_path": str(world / "mixed.json")}], stage="stage2_ov", workers=1)
+    summary = curate_stage(recipe, "stage2_ov", str(tmp_path / "out"), work_dir=str(tmp_path / "work"))
+    assert (summary["totals"]["kept"], summary["sources"][0]["reasons"]) == (1, {"video_unreadable": 1})
+    assert _quarantine(tmp_path / "out")[0]["id"] == "broken-video"
