@@ -1,0 +1,177 @@
+"""Validate an inference request (OpenAI chat shape) into a GenerationRequest, or fail with a clear 4xx.
+
+    request = parse_chat_request(json_body, limits)          # RequestError(status, message) if bad
+    request.record, request.media                             # a LLaVA record + its media bytes
+
+Accepted: `{"model", "messages": [{"role": "system"|"user"|"assistant", "content": str | [parts]}],
+"max_tokens", "temperature", "top_p", "stop", "stream", "seed"}` where parts are `{"type": "text",
+"text"}`, `{"type": "image_url", "image_url": {"url": ...}}` and `{"type": "video_url", "video_url":
+{"url": ...}}`. Media URLs: `data:<mime>;base64,...` (or bare base64), or `s3://bucket/key` only for a
+bucket in the allow-list. Nothing else is fetched: http(s), file and any other scheme are refused.
+Every image is decoded here (size cap, decompression-bomb guard), so a bad payload never reaches
+the model. All failures are RequestError with the HTTP status to answer and a message naming the field.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from model import chat
+from model.media import MediaError, decode_image, load_video
+
+_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?:;[\w-]+=[\w.-]+)*;base64,(?P<data>.*)$", re.DOTALL)
+ROLES = {"system": "system", "user": "human", "assistant": "gpt"}
+
+
+class RequestError(ValueError):
+    """A request the server must refuse; `status` is the HTTP code (400, 404, 413, 422)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_images: int = 8
+    max_videos: int = 1
+    max_media_bytes: int = 20 << 20  # per image or video, decoded from base64
+    max_new_tokens: int = 512
+    allowed_s3_buckets: tuple[str, ...] = ()
+    video_frames: int = 8
+
+
+@dataclass
+class GenerationRequest:
+    record: dict[str, Any]  # LLaVA record: conversations + image/video member names
+    media: dict[str, bytes] = field(default_factory=dict)
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    stream: bool = False
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def _media_bytes(url: Any, where: str, limits: Limits) -> bytes:
+    if not isinstance(url, str) or not url:
+        raise RequestError(400, f"{where}: url must be a non-empty string")
+    if url.startswith("s3://"):
+        bucket = url[5:].split("/", 1)[0]
+        if bucket not in limits.allowed_s3_buckets:
+            raise RequestError(400, f"{where}: bucket {bucket!r} is not allowed (allowed: {list(limits.allowed_s3_buckets)})")
+        from onevision import storage
+
+        try:
+            data = storage.read_bytes(url)
+        except storage.StorageError as err:
+            raise RequestError(400, f"{where}: cannot read {url}: {err}") from None
+    else:
+        match = _DATA_URL.match(url)
+        if match is None and re.match(r"^[a-zA-Z][\w+.-]*:", url):
+            scheme = url.split(":", 1)[0]
+            raise RequestError(400, f"{where}: URL scheme {scheme!r} is not allowed; send the media as a "
+                                    "data: URL (base64) or an s3:// object of an allowed bucket")
+        payload = match.group("data") if match else url
+        if len(payload) * 3 // 4 > limits.max_media_bytes:
+            raise RequestError(413, f"{where}: media over {limits.max_media_bytes} bytes")
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError(400, f"{where}: invalid base64") from None
+    if len(data) > limits.max_media_bytes:
+        raise RequestError(413, f"{where}: media over {limits.max_media_bytes} bytes")
+    return data
+
+
+def _content_parts(content: Any, where: str) -> list[dict[str, Any]]:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list) or not all(isinstance(p, dict) for p in content):
+        raise RequestError(400, f"{where}.content must be a string or a list of content parts")
+    return content
+
+
+def parse_chat_request(body: Any, limits: Limits) -> GenerationRequest:
+    """An OpenAI-style chat body -> GenerationRequest (RequestError on anything malformed)."""
+    if not isinstance(body, dict):
+        raise RequestError(400, "request body must be a JSON object")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError(400, "messages must be a non-empty list")
+    conversations, media, images, videos = [], {}, [], []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise RequestError(400, f"{where}.role must be one of {sorted(ROLES)}")
+        text = []
+        for j, part in enumerate(_content_parts(message.get("content"), where)):
+            kind = part.get("type")
+            if kind == "text" and isinstance(part.get("text"), str):
+                text.append(part["text"])
+            elif kind in ("image_url", "video_url"):
+                if message["role"] != "user":
+                    raise RequestError(400, f"{where}: media only in user messages")
+                url = (part.get(kind) or {}).get("url") if isinstance(part.get(kind), dict) else part.get(kind)
+                data = _media_bytes(url, f"{where}.content[{j}].{kind}", limits)
+                if kind == "image_url":
+                    name = f"img{len(images)}"
+                    try:
+                        decode_image(data, name)
+                    except MediaError as err:
+                        raise RequestError(400, f"{where}.content[{j}]: not a usable image ({err})") from None
+                    images.append(name)
+                    text.append(chat.IMAGE_TOKEN + "\n")
+                else:
+                    name = f"vid{len(videos)}.mp4"
+                    try:
+                        load_video(name, limits.video_frames, data=data)
+                    except MediaError as err:
+                        raise RequestError(400, f"{where}.content[{j}]: not a usable video ({err})") from None
+                    videos.append(name)
+                    text.append(chat.VIDEO_TOKEN + "\n")
+                media[name] = data
+            else:
+                raise RequestError(400, f"{where}.content[{j}]: unknown content part {kind!r}")
+        if len(images) > limits.max_images or len(videos) > limits.max_videos:
+            raise RequestError(400, f"too many media: {len(images)} image(s), {len(videos)} video(s); "
+                                    f"at most {limits.max_images} and {limits.max_videos}")
+        conversations.append({"from": ROLES[message["role"]], "value": "".join(text)})
+    if conversations[-1]["from"] != "human":
+        raise RequestError(400, "the last message must be from the user")
+    record: dict[str, Any] = {"id": "request", "conversations": conversations}
+    if images:
+        record["image"] = images
+    if videos:
+        record["video"] = videos
+    return GenerationRequest(record, media, **_sampling(body, limits))
+
+
+def _sampling(body: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    def number(key: str, default: float, low: float, high: float) -> float:
+        value = body.get(key, default)
+        if value is None:
+            return default
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
+            raise RequestError(400, f"{key} must be a number in [{low}, {high}]")
+        return float(value)
+
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
+        raise RequestError(400, "stop must be a string or a list of at most 4 strings")
+    seed = body.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise RequestError(400, "seed must be an integer")
+    return {"max_new_tokens": int(number("max_tokens", 64, 1, limits.max_new_tokens)),
+            "temperature": number("temperature", 0.0, 0.0, 2.0), "top_p": number("top_p", 1.0, 0.01, 1.0),
+            "stop": stop, "stream": bool(body.get("stream", False)), "seed": seed}
