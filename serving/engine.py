@@ -46,15 +46,16 @@ class _Pending:
 class Engine:
     def __init__(self, model: Any, processor: Any, name: str = "onevision", max_batch_size: int = 8,
                  max_wait_ms: float = 10.0, timeout_s: float = 60.0, limits: Limits | None = None,
-                 template: chat.Template = "qwen_1_5"):
+                 template: chat.Template = "qwen_1_5", context_length: int | None = None):
         self.model, self.processor, self.name = model.eval(), processor, name
         self.max_batch_size, self.max_wait_s, self.timeout_s = max_batch_size, max_wait_ms / 1000, timeout_s
         self.limits = limits or Limits()
-        self.context_length = int(getattr(model.config.text_config, "max_position_embeddings", 32768))
+        self.context_length = context_length or int(getattr(model.config.text_config, "max_position_embeddings", 32768))
         self.sample_processor = SampleProcessor(processor, template, 1 << 20, video_frames=self.limits.video_frames)
         self.end_id = processor.tokenizer.convert_tokens_to_ids(chat.IM_END)
         self._queue: asyncio.Queue[_Pending] | None = None
         self._worker: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()  # one generate at a time: the model is not re-entrant
         self.batches_run = 0
 
@@ -112,8 +113,8 @@ class Engine:
         """Queue a validated request; resolves when its batch has run (RequestError 504 on timeout)."""
         item = self.prepare(request)  # 400s before queueing
         loop = asyncio.get_running_loop()
-        if self._queue is None:
-            self._queue = asyncio.Queue()
+        if self._loop is not loop:  # first request, or a new event loop: the queue belongs to its loop
+            self._loop, self._queue = loop, asyncio.Queue()
             self._worker = loop.create_task(self._serve())
         deadline = time.monotonic() + (timeout_s or self.timeout_s)
         pending = _Pending(request, item, loop.create_future(), deadline)

@@ -1,0 +1,93 @@
+"""The serving engine: dynamic batching gives the same greedy answers as one-at-a-time, requests batch
+by sampling settings, timeouts answer 504, over-long prompts 400 before the queue, streaming matches."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+
+import pytest
+from PIL import Image
+
+from serving.engine import Engine
+from serving.requests import Limits, RequestError, parse_chat_request
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_recipe) -> Engine:
+    from model.builder import build_tiny
+
+    model, processor = build_tiny(tiny_recipe)
+    return Engine(model, processor, max_batch_size=4, max_wait_ms=50, limits=Limits(max_new_tokens=64),
+                  context_length=1024)
+
+
+def image_url(colour: tuple[int, int, int], size: int = 56) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def chat(question: str, colour=(200, 20, 20), **extra) -> dict:
+    return {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url(colour)}},
+                                                      {"type": "text", "text": question}]}], "max_tokens": 6, **extra}
+
+
+def test_dynamic_batching_gives_the_one_at_a_time_answers(engine: Engine) -> None:
+    requests = [parse_chat_request(chat(f"What is shape {i}?", (30 * i, 200, 10)), engine.limits) for i in range(6)]
+    alone = [engine.generate_batch([r])[0] for r in requests]
+    before = engine.batches_run
+
+    async def together():
+        return await asyncio.gather(*(engine.submit(r) for r in requests))
+
+    batched = asyncio.run(together())
+    assert [c.text for c in batched] == [c.text for c in alone]
+    assert [c.completion_tokens for c in batched] == [c.completion_tokens for c in alone]
+    assert engine.batches_run - before == 2  # 6 requests, max_batch_size 4: two model calls
+
+
+def test_sampling_settings_never_share_a_batch(engine: Engine) -> None:
+    greedy = [parse_chat_request(chat("a?"), engine.limits) for _ in range(2)]
+    sampled = [parse_chat_request(chat("b?", temperature=0.7, seed=1), engine.limits) for _ in range(2)]
+    before = engine.batches_run
+
+    async def together():
+        return await asyncio.gather(*(engine.submit(r) for r in greedy + sampled))
+
+    asyncio.run(together())
+    assert engine.batches_run - before == 2
+
+
+def test_stop_strings_and_limits(engine: Engine) -> None:
+    request = parse_chat_request(chat("Say something."), engine.limits)
+    text = engine.generate_batch([request])[0].text
+    assert len(text) > 2
+    stop = text[1:3]
+    cut = engine.generate_batch([parse_chat_request(chat("Say something.", stop=[stop]), engine.limits)])[0]
+    assert cut.text == text.split(stop)[0] and cut.finish_reason == "stop"
+
+
+def test_over_long_prompt_is_400_before_queueing(engine: Engine) -> None:
+    body = chat("word " * 5000)
+    with pytest.raises(RequestError) as err:
+        asyncio.run(engine.submit(parse_chat_request(body, engine.limits)))
+    assert err.value.status == 400 and "exceeds the context length" in err.value.message
+
+
+def test_a_request_past_its_timeout_is_504(engine: Engine) -> None:
+    request = parse_chat_request(chat("slow?", max_tokens=64), engine.limits)
+    with pytest.raises(RequestError) as err:
+        asyncio.run(engine.submit(request, timeout_s=0.001))
+    assert err.value.status == 504
+
+
+def test_streaming_yields_the_greedy_answer(engine: Engine) -> None:
+    request = parse_chat_request(chat("Stream it."), engine.limits)
+    expected = engine.generate_batch([request])[0].text
+
+    async def collect():
+        return [piece async for piece in engine.stream(request)]
+
+    assert "".join(asyncio.run(collect())).strip() == expected
