@@ -86,7 +86,10 @@ class Engine:
         batch = collate_left(items, self.processor.tokenizer.pad_token_id)
         device = next(self.model.parameters()).device
         batch = {k: v.to(device) for k, v in batch.items()}
-        kwargs: dict[str, Any] = {"do_sample": not first.greedy, "max_new_tokens": max(r.max_new_tokens for r in requests)}
+        # never past the context: the longest (left-padded) prompt bounds what the whole batch may add
+        budget = self.context_length - batch["input_ids"].shape[1]
+        kwargs: dict[str, Any] = {"do_sample": not first.greedy,
+                                  "max_new_tokens": max(1, min(budget, max(r.max_new_tokens for r in requests)))}
         if not first.greedy:
             kwargs.update(temperature=first.temperature, top_p=first.top_p)
             if first.seed is not None:

@@ -77,6 +77,8 @@ def _media_bytes(url: Any, where: str, limits: Limits) -> bytes:
             raise RequestError(400, f"{where}: cannot read {url}: {err}") from None
     else:
         match = _DATA_URL.match(url)
+        if match is None and url.startswith("data:"):
+            raise RequestError(400, f"{where}: a data: URL must be base64 (data:<mime>;base64,<payload>)")
         if match is None and re.match(r"^[a-zA-Z][\w+.-]*:", url):
             scheme = url.split(":", 1)[0]
             raise RequestError(400, f"{where}: URL scheme {scheme!r} is not allowed; send the media as a "
@@ -116,7 +118,9 @@ def parse_chat_request(body: Any, limits: Limits) -> GenerationRequest:
         text = []
         for j, part in enumerate(_content_parts(message.get("content"), where)):
             kind = part.get("type")
-            if kind == "text" and isinstance(part.get("text"), str):
+            if kind == "text":
+                if not isinstance(part.get("text"), str):
+                    raise RequestError(400, f"{where}.content[{j}].text must be a string")
                 text.append(part["text"])
             elif kind in ("image_url", "video_url"):
                 if message["role"] != "user":
