@@ -75,6 +75,14 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from serving.serve import serve
+
+    serve(args.model, args.backend, args.port, name=args.name, max_batch_size=args.max_batch_size,
+          max_wait_ms=args.max_wait_ms, token=args.token)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onevision", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -99,6 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--state-dir", default=None, help="local stack state dir (default .onevision/stack)")
     run.add_argument("--run-id", default=None, help="pipeline run id; reuse one to resume (default: new)")
     run.set_defaults(handler=_run)
+
+    serve = sub.add_parser("serve", help="serve a model on 127.0.0.1 behind KServe or Triton")
+    serve.add_argument("--model", required=True, help="HF folder (path or s3://) or models:/NAME@ALIAS")
+    serve.add_argument("--backend", choices=["kserve", "triton"], default="kserve")
+    serve.add_argument("--port", type=int, default=8080, help="HTTP port (Triton also takes the next two)")
+    serve.add_argument("--name", default="onevision", help="model name in the routes")
+    serve.add_argument("--max-batch-size", type=int, default=8)
+    serve.add_argument("--max-wait-ms", type=float, default=10.0, help="dynamic batching queue delay")
+    serve.add_argument("--token", default=None, help="bearer token required by the routes (local runs)")
+    serve.set_defaults(handler=_serve)
     return parser
 
 
