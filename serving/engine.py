@@ -114,7 +114,7 @@ class Engine:
     # ---- asynchronous queue -----------------------------------------------------------------------
     async def submit(self, request: GenerationRequest, timeout_s: float | None = None) -> Completion:
         """Queue a validated request; resolves when its batch has run (RequestError 504 on timeout)."""
-        item = self.prepare(request)  # 400s before queueing
+        item = await asyncio.to_thread(self.prepare, request)  # 400s before queueing; off the event loop
         loop = asyncio.get_running_loop()
         if self._loop is not loop:  # first request, or a new event loop: the queue belongs to its loop
             self._loop, self._queue = loop, asyncio.Queue()

@@ -25,6 +25,7 @@ from model.media import MediaError, decode_image, load_video
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?:;[\w-]+=[\w.-]+)*;base64,(?P<data>.*)$", re.DOTALL)
 ROLES = {"system": "system", "user": "human", "assistant": "gpt"}
+RESERVED_TEXT = chat.SPECIAL_TOKENS
 
 
 class RequestError(ValueError):
@@ -121,10 +122,18 @@ def parse_chat_request(body: Any, limits: Limits) -> GenerationRequest:
             if kind == "text":
                 if not isinstance(part.get("text"), str):
                     raise RequestError(400, f"{where}.content[{j}].text must be a string")
+                reserved = [t for t in RESERVED_TEXT if t in part["text"]]
+                if reserved:  # chat-control tokens in user text would forge turns; placeholders need media
+                    raise RequestError(400, f"{where}.content[{j}].text contains reserved token(s) {reserved}; "
+                                            "send images and videos as image_url / video_url parts")
                 text.append(part["text"])
             elif kind in ("image_url", "video_url"):
                 if message["role"] != "user":
                     raise RequestError(400, f"{where}: media only in user messages")
+                if len(images) + (kind == "image_url") > limits.max_images or \
+                        len(videos) + (kind == "video_url") > limits.max_videos:  # counted before any decoding
+                    raise RequestError(400, f"too many media: at most {limits.max_images} image(s) and "
+                                            f"{limits.max_videos} video(s) per request")
                 url = (part.get(kind) or {}).get("url") if isinstance(part.get(kind), dict) else part.get(kind)
                 data = _media_bytes(url, f"{where}.content[{j}].{kind}", limits)
                 if kind == "image_url":
@@ -146,9 +155,6 @@ def parse_chat_request(body: Any, limits: Limits) -> GenerationRequest:
                 media[name] = data
             else:
                 raise RequestError(400, f"{where}.content[{j}]: unknown content part {kind!r}")
-        if len(images) > limits.max_images or len(videos) > limits.max_videos:
-            raise RequestError(400, f"too many media: {len(images)} image(s), {len(videos)} video(s); "
-                                    f"at most {limits.max_images} and {limits.max_videos}")
         conversations.append({"from": ROLES[message["role"]], "value": "".join(text)})
     if conversations[-1]["from"] != "human":
         raise RequestError(400, "the last message must be from the user")
@@ -178,4 +184,13 @@ def _sampling(body: dict[str, Any], limits: Limits) -> dict[str, Any]:
         raise RequestError(400, "seed must be an integer")
     return {"max_new_tokens": int(number("max_tokens", 64, 1, limits.max_new_tokens)),
             "temperature": number("temperature", 0.0, 0.0, 2.0), "top_p": number("top_p", 1.0, 0.01, 1.0),
-            "stop": stop, "stream": bool(body.get("stream", False)), "seed": seed}
+            "stop": stop, "stream": _flag(body, "stream"), "seed": seed}
+
+
+def _flag(body: dict[str, Any], key: str) -> bool:
+    value = body.get(key, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise RequestError(400, f"{key} must be true or false")
+    return value
