@@ -119,7 +119,7 @@ def test_listens_on_loopback_only(server: Server) -> None:
     assert {c.laddr.ip for c in conns if c.status == psutil.CONN_LISTEN} == {"127.0.0.1"}
 
 
-def test_every_door_gives_the_same_greedy_answer(server: Server) -> None:
+def test_every_door_gives_the_same_greedy_answer(server: Server, model_dir: Path) -> None:
     import openai
     from kserve import InferenceRESTClient, RESTConfig
     from kserve.protocol.infer_type import InferInput, InferRequest
@@ -170,6 +170,14 @@ def test_every_door_gives_the_same_greedy_answer(server: Server) -> None:
     assert streamed == answer
     assert texts1 == [answer, answer]
     assert texts2 == [answer, answer]
+    # ... and the in-process engine on the same weights, which test_serving_triton holds Triton to
+    from model.builder import load_pretrained
+    from serving.engine import Engine
+    from serving.requests import Limits, parse_chat_request
+
+    model, processor = load_pretrained(str(model_dir))
+    request = parse_chat_request({"messages": messages, "max_tokens": 24, "temperature": 0}, Limits())
+    assert Engine(model, processor).generate_batch([request])[0].text == answer
 
 
 def _parts(*parts: dict[str, Any], **extra: Any) -> dict[str, Any]:
