@@ -4,7 +4,8 @@
     result = await engine.submit(parse_chat_request(body, engine.limits))   # Completion(text, ...)
     engine.generate_batch([request, ...])                                     # synchronous, no queue
 
-Requests wait at most `max_wait_ms` for companions, then up to `max_batch_size` of them with the same
+Requests wait at most `max_wait_ms` for companions (and not at all when none is queued or being
+prepared, so a lone client pays no delay), then up to `max_batch_size` of them with the same
 sampling settings run as one left-padded batch (model.generation, the code evaluation uses, so a
 greedy answer is the same whatever the batch: tested). One worker thread owns the model; the asyncio
 loop only queues. A request past its `timeout_s` is answered 504 and dropped from the queue; a prompt
@@ -56,6 +57,7 @@ class Engine:
         self._queue: asyncio.Queue[_Pending] | None = None
         self._worker: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._preparing = 0  # requests being validated/processed: companions about to join the queue
         self._lock = threading.Lock()  # one generate at a time: the model is not re-entrant
         self.batches_run = 0
 
@@ -114,7 +116,11 @@ class Engine:
     # ---- asynchronous queue -----------------------------------------------------------------------
     async def submit(self, request: GenerationRequest, timeout_s: float | None = None) -> Completion:
         """Queue a validated request; resolves when its batch has run (RequestError 504 on timeout)."""
-        item = await asyncio.to_thread(self.prepare, request)  # 400s before queueing; off the event loop
+        self._preparing += 1
+        try:
+            item = await asyncio.to_thread(self.prepare, request)  # 400s before queueing; off the event loop
+        finally:
+            self._preparing -= 1
         loop = asyncio.get_running_loop()
         if self._loop is not loop:  # first request, or a new event loop: the queue belongs to its loop
             self._loop, self._queue = loop, asyncio.Queue()
@@ -134,8 +140,8 @@ class Engine:
             start = time.monotonic()
             while len(batch) < self.max_batch_size:
                 remaining = self.max_wait_s - (time.monotonic() - start)
-                if remaining <= 0:
-                    break
+                if remaining <= 0 or (self._queue.empty() and not self._preparing):
+                    break  # nobody else is on the way: waiting would only add latency
                 try:
                     batch.append(await asyncio.wait_for(self._queue.get(), remaining))
                 except asyncio.TimeoutError:
