@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -83,6 +84,22 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _promote(args: argparse.Namespace) -> int:
+    from components.register.core import RegistryError
+    from components.register.promote import promote, rollback
+
+    try:
+        if args.command == "promote":
+            result = promote(args.name, args.version, args.env, args.gitops_repo, args.canary)
+        else:
+            result = rollback(args.name, args.env, args.gitops_repo)
+    except RegistryError as err:
+        print(f"{args.command}: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onevision", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -117,6 +134,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-wait-ms", type=float, default=10.0, help="dynamic batching queue delay")
     serve.add_argument("--token", default=None, help="bearer token required by the routes (local runs)")
     serve.set_defaults(handler=_serve)
+
+    gitops = os.environ.get("ONEVISION_GITOPS_REPO")
+    promote = sub.add_parser("promote", help="set champion and write the endpoint's GitOps overlay (a new branch)")
+    promote.add_argument("name", help="registered model, e.g. llava-onevision-tiny")
+    promote.add_argument("--version", required=True)
+    promote.add_argument("--env", required=True, help="environment folder in the GitOps repo (dev, prod...)")
+    promote.add_argument("--canary", type=int, default=None, help="canaryTrafficPercent for the new version")
+    promote.add_argument("--gitops-repo", default=gitops, required=gitops is None,
+                         help="path or URL of the GitOps repository (default $ONEVISION_GITOPS_REPO)")
+    promote.set_defaults(handler=_promote)
+    rollback = sub.add_parser("rollback", help="restore previous-champion and write its overlay")
+    rollback.add_argument("name")
+    rollback.add_argument("--env", required=True)
+    rollback.add_argument("--gitops-repo", default=gitops, required=gitops is None)
+    rollback.set_defaults(handler=_promote)
     return parser
 
 

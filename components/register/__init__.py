@@ -1,0 +1,1 @@
+"""The register step and promotion: MLflow model versions, aliases, and GitOps endpoint overlays."""

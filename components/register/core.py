@@ -1,0 +1,119 @@
+"""Register a trained, evaluated, exported checkpoint as an MLflow model version, with a model card.
+
+    python -m components.register.core --recipe recipes/tiny.yaml --model s3://onevision/runs/tiny/r1/stage2_ov/hf \
+        --evaluation s3://.../evaluate/stage2_ov --export s3://.../export --pipeline-run r1
+
+One registered model per recipe (`evaluation.registered_model`, default `llava-onevision-<recipe>`). The
+version's source is the merged HF folder in S3, referenced, never re-uploaded through the MLflow artifact
+proxy; the Triton repository and manifests (the export) are referenced by tag. Tags: lineage (recipe
+hash, data manifest hashes, git commit, pipeline run id, the checkpoint of every stage), the eval scores
+(`onevision.eval.<task>.<metric>`, what the next evaluation's champion comparison reads) and the gate
+(`onevision.gate_passed`). The description is the model card (Markdown). Alias `candidate` is set only
+when the evaluation gate passed; promotion (promote.py) moves `champion`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+from components.evaluate.core import EVAL_TAG_PREFIX  # what the next evaluation reads from the champion
+from onevision import storage, tracking
+from onevision.recipe import Recipe, load_recipe
+
+TAG_GATE = "onevision.gate_passed"
+TAG_GATE_REASONS = "onevision.gate_reasons"
+TAG_EXPORT = "onevision.export_uri"
+TAG_CHECKPOINT_PREFIX = "onevision.checkpoint."
+CANDIDATE, CHAMPION, PREVIOUS = "candidate", "champion", "previous-champion"
+
+
+class RegistryError(RuntimeError):
+    """A registration or promotion that must not happen; the message says why."""
+
+
+def model_card(recipe: Recipe, model_uri: str, evaluation: dict[str, Any], comparison: str,
+               data: dict[str, dict[str, Any]], checkpoints: dict[str, str]) -> str:
+    lines = [f"# {recipe.registered_model_name}: {recipe.name}", "", recipe.description or "", "",
+             "## Lineage", f"- checkpoint: `{model_uri}`", f"- recipe hash: `{recipe.hash()}`",
+             f"- git commit: `{tracking.git_commit()}`"]
+    lines += [f"- {stage} checkpoint: `{uri}`" for stage, uri in checkpoints.items()]
+    if data:
+        lines += ["", "## Data (curation, per stage)", "| stage | in | kept | duplicates | rejected |", "|---|---|---|---|---|"]
+        lines += [f"| {stage} | {m.get('records_in', '-')} | {m.get('kept', '-')} | {m.get('duplicates', '-')} | "
+                  f"{m.get('rejected', '-')} |" for stage, m in data.items()]
+    lines += ["", "## Evaluation", comparison.split("\n", 1)[1].strip() if "\n" in comparison else comparison]
+    reasons = evaluation.get("reasons") or []
+    lines += ["", "## Known limits"]
+    lines += [f"- gate: {r}" for r in reasons] or ["- none recorded by the gate"]
+    lines += ["- scores are on the recipe's evaluation tasks only; see the comparison for the paper's numbers"]
+    return "\n".join(lines) + "\n"
+
+
+def register(recipe_uri: str, model_uri: str, evaluation_uri: str, pipeline_run_id: str,
+             export_uri: str | None = None, data_uris: dict[str, str] | None = None,
+             checkpoints: dict[str, str] | None = None) -> dict[str, Any]:
+    """Create the model version; returns {"name", "version", "candidate", "gate_passed"}."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    recipe = load_recipe(recipe_uri)
+    storage.read_manifest(model_uri)  # only a completely published checkpoint is registered
+    evaluated = storage.read_manifest(evaluation_uri)["metadata"]
+    gate = json.loads(storage.read_bytes(storage.join(evaluation_uri, "gate.json") if storage.is_s3(evaluation_uri)
+                                         else f"{evaluation_uri}/gate.json"))
+    comparison = (storage.read_bytes(storage.join(evaluation_uri, "comparison.md") if storage.is_s3(evaluation_uri)
+                                     else f"{evaluation_uri}/comparison.md")).decode()
+    if evaluated.get("model") != model_uri:
+        raise RegistryError(f"{evaluation_uri} evaluated {evaluated.get('model')}, not {model_uri}")
+    data = {stage: storage.read_manifest(uri)["metadata"] for stage, uri in (data_uris or {}).items()}
+    checkpoints = dict(checkpoints or {})
+
+    manifest_hashes = {stage: storage.manifest_hash(uri) for stage, uri in (data_uris or {}).items()}
+    tags = tracking.lineage_tags(recipe, pipeline_run_id,
+                                 json.dumps(manifest_hashes, sort_keys=True) if manifest_hashes else None)
+    tags[TAG_GATE] = "true" if gate["passed"] else "false"
+    if gate["reasons"]:
+        tags[TAG_GATE_REASONS] = "; ".join(gate["reasons"])[:5000]
+    tags.update({f"{EVAL_TAG_PREFIX}{key.replace('/', '.')}": str(value) for key, value in gate["scores"].items()})
+    tags.update({f"{TAG_CHECKPOINT_PREFIX}{stage}": uri for stage, uri in checkpoints.items()})
+    if export_uri:
+        storage.read_manifest(export_uri)
+        tags[TAG_EXPORT] = export_uri
+
+    client = MlflowClient()
+    name = recipe.registered_model_name
+    try:
+        client.create_registered_model(name, tags={tracking.TAG_RECIPE_NAME: recipe.name},
+                                       description=f"LLaVA-OneVision models trained with recipe {recipe.name}.")
+    except MlflowException as err:
+        if "already exists" not in str(err).lower() and getattr(err, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+            raise
+    card = model_card(recipe, model_uri, gate, comparison, data, checkpoints)
+    version = client.create_model_version(name, source=model_uri, tags=tags, description=card)
+    for _ in range(60):  # S3 sources are READY at once; other stores may take a moment
+        if client.get_model_version(name, version.version).status == "READY":
+            break
+        time.sleep(1)
+    if gate["passed"]:
+        client.set_registered_model_alias(name, CANDIDATE, version.version)
+    return {"name": name, "version": version.version, "candidate": gate["passed"], "gate_passed": gate["passed"],
+            "model_card": card}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipe", required=True)
+    parser.add_argument("--model", required=True, help="the merged HF folder in S3")
+    parser.add_argument("--evaluation", required=True, help="the evaluate step's published prefix")
+    parser.add_argument("--export", default=None, help="the export step's published prefix")
+    parser.add_argument("--pipeline-run", required=True)
+    args = parser.parse_args(argv)
+    result = register(args.recipe, args.model, args.evaluation, args.pipeline_run, args.export)
+    print(json.dumps({k: v for k, v in result.items() if k != "model_card"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

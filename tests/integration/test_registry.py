@@ -1,0 +1,121 @@
+"""Register -> promote -> rollback against the real MLflow server and a local git repository: the gate
+decides `candidate`, promote refuses a failed version, champion/previous-champion move, and each overlay
+(committed on its own branch) builds with `kubectl kustomize` into a valid InferenceService."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from components.export.core import run as export
+from components.register.core import CANDIDATE, CHAMPION, PREVIOUS, TAG_GATE, RegistryError, register
+from components.register.promote import promote, rollback
+from onevision import storage, tracking
+from onevision.recipe import dump_recipe, load_recipe
+from serving.manifests import check_manifest
+
+KUBECTL = str(Path(sys.executable).parent / "kubectl")
+
+
+def publish_evaluation(uri: str, model_uri: str, score: float, threshold: float) -> None:
+    """The evaluate step's published layout (components/evaluate/core.py) for one gated score."""
+    from components.evaluate.core import gate
+    from onevision.recipe import EvalTask
+
+    tasks = [EvalTask(name="shapes_color", metric="exact_match", threshold=threshold)]
+    verdict = gate({"shapes_color/exact_match": score}, tasks, None)
+    files = {"gate.json": json.dumps(verdict), "comparison.md": "# Evaluation\n\n| task | ours |\n|---|---|\n"
+             f"| shapes_color | {score} |\n"}
+    for name, text in files.items():
+        storage.write_bytes(f"{uri}/{name}", text.encode())
+    storage.write_bytes(f"{uri}/_MANIFEST.json", json.dumps({
+        "format": storage.MANIFEST_FORMAT, "created": "", "total_bytes": 0,
+        "files": {n: {"size": len(t.encode()), "sha256": ""} for n, t in files.items()},
+        "metadata": {"model": model_uri, "gate_passed": verdict["passed"], "shapes_color/exact_match": score}}).encode())
+
+
+@pytest.fixture(scope="module")
+def versions(local_stack, tmp_path_factory: pytest.TempPathFactory, tiny_recipe) -> dict:
+    from model.builder import build_tiny
+
+    tmp = tmp_path_factory.mktemp("registry")
+    name = f"it-reg-{uuid.uuid4().hex[:6]}"
+    doc = yaml.safe_load(dump_recipe(tiny_recipe))
+    doc["evaluation"]["registered_model"] = name
+    prefix = f"s3://onevision/{name}"
+    storage.write_bytes(f"{prefix}/recipe.yaml", yaml.safe_dump(doc).encode())
+    recipe = f"{prefix}/recipe.yaml"
+    model, processor = build_tiny(tiny_recipe)
+    model.save_pretrained(tmp / "hf")
+    processor.save_pretrained(tmp / "hf")
+    out = {"name": name}
+    for label, score in (("good", 0.9), ("bad", 0.1), ("better", 0.95)):
+        hf = f"{prefix}/{label}/hf"
+        storage.publish_dir(tmp / "hf", hf)
+        publish_evaluation(f"{prefix}/{label}/evaluate", hf, score, threshold=0.5)
+        export(recipe, hf, f"{prefix}/{label}/export")
+        out[label] = register(recipe, hf, f"{prefix}/{label}/evaluate", f"run-{label}",
+                              export_uri=f"{prefix}/{label}/export", checkpoints={"stage2_ov": hf})
+        out[f"{label}_hf"] = hf
+    return out
+
+
+def test_register_tags_card_and_candidate(versions: dict) -> None:
+    client = MlflowClient()
+    good = client.get_model_version(versions["name"], versions["good"]["version"])
+    assert good.source == versions["good_hf"]  # referenced in S3, not re-uploaded
+    assert good.tags[TAG_GATE] == "true" and good.tags["onevision.eval.shapes_color.exact_match"] == "0.9"
+    assert good.tags[tracking.TAG_PIPELINE_RUN] == "run-good" and good.tags[tracking.TAG_RECIPE_HASH]
+    assert good.tags["onevision.checkpoint.stage2_ov"] == versions["good_hf"]
+    assert "## Evaluation" in good.description and "## Known limits" in good.description
+    bad = client.get_model_version(versions["name"], versions["bad"]["version"])
+    assert bad.tags[TAG_GATE] == "false" and "below the threshold" in bad.tags["onevision.gate_reasons"]
+    assert not versions["bad"]["candidate"] and versions["good"]["candidate"]
+    # `candidate` follows the latest version that passed, never a failed one
+    assert client.get_registered_model(versions["name"]).aliases[CANDIDATE] == versions["better"]["version"]
+
+
+def _build_overlay(repo: Path, branch: str, env: str, name: str, tmp: Path) -> dict:
+    work = tmp / f"checkout-{uuid.uuid4().hex[:6]}"
+    subprocess.run(["git", "clone", "-q", "-b", branch, str(repo), str(work)], check=True)
+    built = subprocess.run([KUBECTL, "kustomize", str(work / "endpoints" / env / name)], capture_output=True,
+                           text=True, check=True).stdout
+    (isvc,) = list(yaml.safe_load_all(built))
+    assert check_manifest(isvc) == []
+    return isvc
+
+
+def test_promote_refuses_failed_gate_then_promotes_and_rolls_back(versions: dict, tmp_path: Path) -> None:
+    repo = tmp_path / "gitops.git"
+    subprocess.run(["git", "init", "-q", "--bare", str(repo)], check=True)
+    name, client = versions["name"], MlflowClient()
+
+    with pytest.raises(RegistryError, match="did not pass the evaluation gate"):
+        promote(name, versions["bad"]["version"], "prod", str(repo))
+    assert CHAMPION not in client.get_registered_model(name).aliases
+
+    first = promote(name, versions["good"]["version"], "prod", str(repo), canary=20)
+    isvc = _build_overlay(repo, first["branch"], "prod", name, tmp_path)
+    env = isvc["spec"]["predictor"]["containers"][0]["env"]
+    assert {"name": "STORAGE_URI", "value": versions["good_hf"]} in env
+    assert isvc["spec"]["predictor"]["canaryTrafficPercent"] == 20
+
+    second = promote(name, versions["better"]["version"], "prod", str(repo))
+    aliases = client.get_registered_model(name).aliases
+    assert (aliases[CHAMPION], aliases[PREVIOUS]) == (versions["better"]["version"], versions["good"]["version"])
+    assert second["previous_champion"] == versions["good"]["version"]
+
+    back = rollback(name, "prod", str(repo))
+    aliases = client.get_registered_model(name).aliases
+    assert (aliases[CHAMPION], aliases[PREVIOUS]) == (versions["good"]["version"], versions["better"]["version"])
+    restored = _build_overlay(repo, back["branch"], "prod", name, tmp_path)
+    assert {"name": "STORAGE_URI", "value": versions["good_hf"]} in restored["spec"]["predictor"]["containers"][0]["env"]
+    branches = subprocess.run(["git", "-C", str(repo), "branch", "--list"], capture_output=True, text=True).stdout
+    assert first["branch"] in branches and back["branch"] in branches  # one reviewable branch each
