@@ -18,7 +18,7 @@ from components.export.core import run as export
 from components.register.core import CANDIDATE, CHAMPION, PREVIOUS, TAG_GATE, RegistryError, register
 from components.register.promote import promote, rollback
 from onevision import storage, tracking
-from onevision.recipe import dump_recipe, load_recipe
+from onevision.recipe import dump_recipe
 from serving.manifests import check_manifest
 
 KUBECTL = str(Path(sys.executable).parent / "kubectl")
