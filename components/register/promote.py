@@ -11,7 +11,8 @@ branch of the GitOps repository (a local path or any git remote), ready for a pu
     endpoints/<env>/<model>/kustomization.yaml      patches: storage URI -> this version, canary percent
 
 Argo CD (an ApplicationSet over endpoints/*/*) syncs the merged overlay. Rollback swaps `champion` and
-`previous-champion` and writes the overlay of the restored version the same way.
+`previous-champion` and writes the overlay of the restored version the same way. `deploy` is the
+pipeline's step for a non-production environment: the same overlay, alias named after the environment.
 """
 
 from __future__ import annotations
@@ -90,22 +91,41 @@ def _apply(name: str, version: Any, env: str, canary: int | None, gitops_repo: s
     return {"name": name, "version": version.version, "env": env, "branch": branch, "commit": commit}
 
 
+def _gated_version(client: Any, name: str, version: str, doing: str) -> Any:
+    target = client.get_model_version(name, version)
+    if target.tags.get(TAG_GATE) != "true":
+        raise RegistryError(f"{name} v{version} did not pass the evaluation gate "
+                            f"({target.tags.get(TAG_GATE_REASONS, 'no gate result recorded')}); not {doing}")
+    return target
+
+
 def promote(name: str, version: str, env: str, gitops_repo: str, canary: int | None = None) -> dict[str, Any]:
     from mlflow.tracking import MlflowClient
 
     if canary is not None and not 0 <= canary <= 100:
         raise RegistryError(f"--canary {canary}: a percentage 0-100")
     client = MlflowClient()
-    target = client.get_model_version(name, version)
-    if target.tags.get(TAG_GATE) != "true":
-        raise RegistryError(f"{name} v{version} did not pass the evaluation gate "
-                            f"({target.tags.get(TAG_GATE_REASONS, 'no gate result recorded')}); not promoting")
+    target = _gated_version(client, name, version, "promoting")
     result = _apply(name, target, env, canary, gitops_repo, "promote")  # the overlay first: no alias without it
     current = client.get_registered_model(name).aliases.get(CHAMPION)
     if current is not None and str(current) != str(version):
         client.set_registered_model_alias(name, PREVIOUS, current)
     client.set_registered_model_alias(name, CHAMPION, version)
     return {**result, "previous_champion": current}
+
+
+def deploy(name: str, version: str, env: str, gitops_repo: str, canary: int | None = None) -> dict[str, Any]:
+    """The pipeline's deploy step: a gated version to a non-production environment. Like promote, but it
+    moves the alias named after the environment (e.g. `dev`), never `champion`."""
+    from mlflow.tracking import MlflowClient
+
+    if env in ("prod", "production"):
+        raise RegistryError(f"deploy to {env!r}: production is reached by `onevision promote` after review")
+    client = MlflowClient()
+    target = _gated_version(client, name, version, "deploying")
+    result = _apply(name, target, env, canary, gitops_repo, "deploy")
+    client.set_registered_model_alias(name, env, version)
+    return result
 
 
 def rollback(name: str, env: str, gitops_repo: str) -> dict[str, Any]:

@@ -119,3 +119,34 @@ def test_promote_refuses_failed_gate_then_promotes_and_rolls_back(versions: dict
     assert {"name": "STORAGE_URI", "value": versions["good_hf"]} in restored["spec"]["predictor"]["containers"][0]["env"]
     branches = subprocess.run(["git", "-C", str(repo), "branch", "--list"], capture_output=True, text=True).stdout
     assert first["branch"] in branches and back["branch"] in branches  # one reviewable branch each
+
+
+@pytest.mark.filterwarnings("ignore:You may be attemping to run a task:RuntimeWarning")
+def test_register_and_deploy_components_under_kfp_local(versions: dict, kfp_local: Path, tmp_path: Path) -> None:
+    from components.register.component import deploy_endpoint, register_model
+
+    name, client = versions["name"], MlflowClient()
+    prefix = f"s3://onevision/{name}"
+    task = register_model(recipe_uri=f"{prefix}/recipe.yaml", model_uri=versions["good_hf"],
+                          evaluation_uri=f"{prefix}/good/evaluate", export_uri=f"{prefix}/good/export",
+                          pipeline_run_id="kfp-run")
+    assert task.outputs["candidate"] is True and task.outputs["name"] == name
+    assert "## Lineage" in Path(task.outputs["model_card"].path).read_text()
+    repo = tmp_path / "gitops.git"
+    subprocess.run(["git", "init", "-q", "--bare", str(repo)], check=True)
+    deployed = deploy_endpoint(name=name, version=task.outputs["version"], env="dev", gitops_repo=str(repo),
+                               canary_percent=0)
+    assert client.get_registered_model(name).aliases["dev"] == task.outputs["version"]
+    isvc = _build_overlay(repo, deployed.outputs["branch"], "dev", name, tmp_path)
+    assert isvc["spec"]["predictor"]["canaryTrafficPercent"] == 20  # the recipe's, when the step sets none
+    with pytest.raises(RegistryError, match="production"):
+        from components.register.promote import deploy
+
+        deploy(name, task.outputs["version"], "prod", str(repo))
+
+
+def test_register_components_compile(compiled_component) -> None:
+    from components.register.component import deploy_endpoint, register_model
+
+    assert "comp-register-model" in compiled_component(register_model)["components"]
+    assert "comp-deploy-endpoint" in compiled_component(deploy_endpoint)["components"]
