@@ -57,8 +57,10 @@ def _predictor_common(target: DeployTarget) -> dict[str, Any]:
                             "scaleMetric": "concurrency", "scaleTarget": target.max_batch_size}
     if target.canary_percent:
         spec["canaryTrafficPercent"] = target.canary_percent
-    if target.gpus:
+    if target.gpus:  # the GPU pool (infra/terraform): tainted nvidia.com/gpu, labelled onevision/pool=gpu
         spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        spec["nodeSelector"] = {"onevision/pool": "gpu"}
+        spec["priorityClassName"] = "onevision-serving"
     return spec
 
 

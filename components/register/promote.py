@@ -84,7 +84,8 @@ def write_overlay(gitops_repo: str, name: str, env: str, files: dict[str, str], 
 
 def _apply(name: str, version: Any, env: str, canary: int | None, gitops_repo: str, verb: str) -> dict[str, Any]:
     isvc = _exported_isvc(version)
-    files = overlay(isvc, version.source, canary, isvc["metadata"].get("namespace") or f"onevision-{env}")
+    # the environment owns the namespace (the ApplicationSet deploys endpoints/<env>/* to onevision-<env>)
+    files = overlay(isvc, version.source, canary, f"onevision-{env}")
     branch = f"{verb}/{name}/{env}/v{version.version}"
     commit = write_overlay(gitops_repo, name, env, files, f"{verb} {name} v{version.version} to {env}"
                            + (f" (canary {canary}%)" if canary is not None else ""), branch)
