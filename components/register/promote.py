@@ -7,10 +7,10 @@ Promote refuses a version whose evaluation gate failed, moves alias `champion` t
 becomes `previous-champion`, the rollback target), and writes the endpoint's overlay as a commit on a new
 branch of the GitOps repository (a local path or any git remote), ready for a pull request:
 
-    endpoints/<env>/<model>/inferenceservice.yaml   the exported InferenceService (our KServe predictor)
-    endpoints/<env>/<model>/kustomization.yaml      patches: storage URI -> this version, canary percent
+    infra/gitops/endpoints/<env>/<model>/inferenceservice.yaml   the exported InferenceService (our predictor)
+    infra/gitops/endpoints/<env>/<model>/kustomization.yaml      patches: storage URI -> this version, canary
 
-Argo CD (an ApplicationSet over endpoints/*/*) syncs the merged overlay. Rollback swaps `champion` and
+Argo CD (an ApplicationSet over infra/gitops/endpoints/*/*) syncs the merged overlay. Rollback swaps `champion` and
 `previous-champion` and writes the overlay of the restored version the same way. `deploy` is the
 pipeline's step for a non-production environment: the same overlay, alias named after the environment.
 """
@@ -26,6 +26,8 @@ import yaml
 
 from components.register.core import CHAMPION, PREVIOUS, TAG_EXPORT, TAG_GATE, TAG_GATE_REASONS, RegistryError
 from onevision import storage
+
+OVERLAY_ROOT = Path("infra/gitops/endpoints")  # in the GitOps repository; infra/argocd's ApplicationSet reads it
 
 
 def _git(repo: Path, *args: str) -> str:
@@ -72,7 +74,7 @@ def write_overlay(gitops_repo: str, name: str, env: str, files: dict[str, str], 
         if done.returncode != 0:
             raise RegistryError(f"cannot clone the GitOps repository {gitops_repo}: {done.stderr.strip()}")
         _git(work, "checkout", "-q", "-b", branch)
-        folder = work / "endpoints" / env / name
+        folder = work / OVERLAY_ROOT / env / name
         folder.mkdir(parents=True, exist_ok=True)
         for file_name, content in files.items():
             (folder / file_name).write_text(content)
@@ -84,7 +86,7 @@ def write_overlay(gitops_repo: str, name: str, env: str, files: dict[str, str], 
 
 def _apply(name: str, version: Any, env: str, canary: int | None, gitops_repo: str, verb: str) -> dict[str, Any]:
     isvc = _exported_isvc(version)
-    # the environment owns the namespace (the ApplicationSet deploys endpoints/<env>/* to onevision-<env>)
+    # the environment owns the namespace (the ApplicationSet deploys infra/gitops/endpoints/<env>/* to onevision-<env>)
     files = overlay(isvc, version.source, canary, f"onevision-{env}")
     branch = f"{verb}/{name}/{env}/v{version.version}"
     commit = write_overlay(gitops_repo, name, env, files, f"{verb} {name} v{version.version} to {env}"

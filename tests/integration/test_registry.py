@@ -85,7 +85,7 @@ def test_register_tags_card_and_candidate(versions: dict) -> None:
 def _build_overlay(repo: Path, branch: str, env: str, name: str, tmp: Path) -> dict:
     work = tmp / f"checkout-{uuid.uuid4().hex[:6]}"
     subprocess.run(["git", "clone", "-q", "-b", branch, str(repo), str(work)], check=True)
-    built = subprocess.run([KUBECTL, "kustomize", str(work / "endpoints" / env / name)], capture_output=True,
+    built = subprocess.run([KUBECTL, "kustomize", str(work / "infra/gitops/endpoints" / env / name)], capture_output=True,
                            text=True, check=True).stdout
     (isvc,) = list(yaml.safe_load_all(built))
     assert check_manifest(isvc) == []

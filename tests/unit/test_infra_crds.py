@@ -364,15 +364,15 @@ def test_applicationset_makes_one_application_per_endpoint_overlay() -> None:
     objects = argocd()
     appset, project = objects["ApplicationSet"], objects["AppProject"]
     spec = appset["spec"]
-    assert "goTemplate" not in spec  # fasttemplate: {{path[1]}}, not {{index .path.segments 1}}
+    assert "goTemplate" not in spec  # fasttemplate: {{path[3]}}, not {{index .path.segments 3}}
     (generator,) = spec["generators"]
     git = generator["git"]
-    assert git["directories"] == [{"path": "endpoints/*/*"}]
+    assert git["directories"] == [{"path": "infra/gitops/endpoints/*/*"}]
     template = spec["template"]
     placeholders = FASTTEMPLATE.findall(yaml.safe_dump(template))
     assert placeholders and all(GIT_DIRECTORY_PARAMS.fullmatch(p) for p in placeholders), placeholders
-    assert template["metadata"]["name"] == "{{path.basename}}-{{path[1]}}"
-    assert template["spec"]["destination"]["namespace"] == "onevision-{{path[1]}}"
+    assert template["metadata"]["name"] == "{{path.basename}}-{{path[3]}}"
+    assert template["spec"]["destination"]["namespace"] == "onevision-{{path[3]}}"
     assert template["spec"]["source"] == {"repoURL": git["repoURL"], "targetRevision": git["revision"], "path": "{{path}}"}
     assert project["spec"]["sourceRepos"] == [git["repoURL"]]
     assert template["spec"]["project"] == project["metadata"]["name"]
@@ -380,10 +380,10 @@ def test_applicationset_makes_one_application_per_endpoint_overlay() -> None:
     assert sync["automated"] == {"prune": True, "selfHeal": True}
     assert "CreateNamespace=true" in sync["syncOptions"]
 
-    for directory in ("endpoints/prod/llava-onevision-ov-0.5b", "endpoints/dev/llava-onevision-tiny"):
+    for directory in ("infra/gitops/endpoints/prod/llava-onevision-ov-0.5b", "infra/gitops/endpoints/dev/llava-onevision-tiny"):
         assert fnmatch.fnmatchcase(directory, git["directories"][0]["path"])
         app = render(template, directory)
-        env, model = directory.split("/")[1:]
+        env, model = directory.split("/")[3:]
         assert app["metadata"]["name"] == f"{model}-{env}"
         assert re.fullmatch(rf"{DNS_LABEL}(\.{DNS_LABEL})*", app["metadata"]["name"]) and len(app["metadata"]["name"]) <= 253
         namespace = app["spec"]["destination"]["namespace"]
@@ -400,7 +400,7 @@ def test_promoted_overlay_lands_where_the_applicationset_points() -> None:
     isvc = yaml.safe_load((ROOT / "infra/serving/tiny/tiny-ov.yaml").read_text())
     namespace = isvc["metadata"].get("namespace") or "onevision-dev"
     files = overlay(isvc, "s3://onevision/models/tiny/v3/hf", 10, namespace)
-    app = render(objects["ApplicationSet"]["spec"]["template"], "endpoints/dev/llava-onevision-tiny")
+    app = render(objects["ApplicationSet"]["spec"]["template"], "infra/gitops/endpoints/dev/llava-onevision-tiny")
     assert yaml.safe_load(files["kustomization.yaml"])["namespace"] == app["spec"]["destination"]["namespace"]
     allowed = {(g["group"], g["kind"]) for g in objects["AppProject"]["spec"]["namespaceResourceWhitelist"]}
     kind = yaml.safe_load(files["inferenceservice.yaml"])
