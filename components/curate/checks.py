@@ -20,7 +20,7 @@ import hashlib
 import io
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
@@ -72,7 +72,6 @@ class Verdict:
     task: str = ""
     num_tokens: int = 0
     normalised: bool = False
-    sizes: list[tuple[int, int]] = field(default_factory=list)
 
 
 def reject(code: str, message: str) -> Verdict:
@@ -155,7 +154,7 @@ def check_record(record: Any, media: dict[str, bytes | str], limits: Limits) -> 
     if videos and not limits.video_frames:
         return reject("video_not_allowed", "video sample in a stage without video_frames")
     hasher = hashlib.sha256()
-    phashes, sizes = [], []
+    phashes = []
     for rel in images + videos:
         data = media.get(rel) if isinstance(rel, str) else None
         if not isinstance(data, bytes):
@@ -165,7 +164,6 @@ def check_record(record: Any, media: dict[str, bytes | str], limits: Limits) -> 
             bad, image = _check_image(rel, data, limits)
             if bad:
                 return bad
-            sizes.append(image.size)
             if limits.perceptual_hash:
                 phashes.append(_phash(image))
         else:
@@ -187,7 +185,7 @@ def check_record(record: Any, media: dict[str, bytes | str], limits: Limits) -> 
     kept = {**record, "meta": {**(record.get("meta") or {}), "modality": modality(record), "task_type": task,
                                "num_tokens": n_tokens}}
     return Verdict(None, None, kept, hasher.hexdigest(), hashlib.sha256(folded.encode()).hexdigest(),
-                   tuple(phashes), modality(record), task, n_tokens, normalised, sizes)
+                   tuple(phashes), modality(record), task, n_tokens, normalised)
 
 
 def check_item(item: tuple[Any, dict[str, bytes | str]], limits: Limits) -> Verdict:

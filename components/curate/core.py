@@ -157,12 +157,8 @@ def _kept_records(recipe: Recipe, stage_name: str, work: Path, workers: int, sta
         if entry.recaption is not None:
             from components.curate.recaption import recaption
 
-            kept = recaption(kept, entry.recaption, _join(recaption_uri, f"source-{index}"))
+            kept = recaption(kept, entry.recaption, storage.join(recaption_uri, f"source-{index}"))
         yield from kept
-
-
-def _join(uri: str, name: str) -> str:
-    return storage.join(uri, name) if storage.is_s3(uri) else os.path.join(uri, name)
 
 
 def _deduplicated(checked: Iterator[tuple[tuple[RawRecord, dict], Verdict]], counts: SourceStats,

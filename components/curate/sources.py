@@ -69,7 +69,7 @@ class DirMedia:
 
     def read(self, rel: str) -> bytes:
         check_relative(rel)
-        uri = storage.join(self.root, rel) if storage.is_s3(self.root) else os.path.join(self.root, rel)
+        uri = storage.join(self.root, rel)
         try:
             if storage.is_s3(uri):
                 return storage.read_bytes(uri)
@@ -265,8 +265,7 @@ def open_source(source: DataSource, work: Path, seed: int) -> Source:
                 raise CurationError(f"{uri}: hub datasets are read from a mirror (no internet in pods); "
                                     "set ONEVISION_DATASET_MIRROR to the folder or s3:// prefix holding "
                                     "<id>/<config>/*.parquet")
-            uri = storage.join(mirror, uri.removeprefix("hf://datasets/")) if storage.is_s3(mirror) \
-                else os.path.join(mirror, uri.removeprefix("hf://datasets/"))
+            uri = storage.join(mirror, uri.removeprefix("hf://datasets/"))
         files = _parquet_files(uri, work)
         if not files:
             raise CurationError(f"{source.dataset_uri}: no .parquet files")

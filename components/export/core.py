@@ -34,7 +34,7 @@ def run(recipe_uri: str, model_uri: str, out_uri: str, work_dir: str | None = No
         build_model_repository(model_uri, Path(staging) / "triton", name=name,
                                max_batch_size=triton.max_batch_size if triton else 8, copy_weights=True,
                                instance_kind="KIND_GPU" if triton and triton.gpus else "KIND_CPU")
-        triton_uri = storage.join(out_uri, "triton") if storage.is_s3(out_uri) else str(Path(out_uri) / "triton")
+        triton_uri = storage.join(out_uri, "triton")
         manifests = write(render(recipe, model_uri, triton_uri), Path(staging) / "manifests")
         storage.publish_dir(staging, out_uri, metadata={"model": model_uri, "triton_model": name,
                                                         "recipe_hash": recipe.hash()})

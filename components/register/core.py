@@ -62,10 +62,8 @@ def register(recipe_uri: str, model_uri: str, evaluation_uri: str, pipeline_run_
     recipe = load_recipe(recipe_uri)
     storage.read_manifest(model_uri)  # only a completely published checkpoint is registered
     evaluated = storage.read_manifest(evaluation_uri)["metadata"]
-    gate = json.loads(storage.read_bytes(storage.join(evaluation_uri, "gate.json") if storage.is_s3(evaluation_uri)
-                                         else f"{evaluation_uri}/gate.json"))
-    comparison = (storage.read_bytes(storage.join(evaluation_uri, "comparison.md") if storage.is_s3(evaluation_uri)
-                                     else f"{evaluation_uri}/comparison.md")).decode()
+    gate = json.loads(storage.read_bytes(storage.join(evaluation_uri, "gate.json")))
+    comparison = storage.read_bytes(storage.join(evaluation_uri, "comparison.md")).decode()
     if evaluated.get("model") != model_uri:
         raise RegistryError(f"{evaluation_uri} evaluated {evaluated.get('model')}, not {model_uri}")
     data = {stage: storage.read_manifest(uri)["metadata"] for stage, uri in (data_uris or {}).items()}

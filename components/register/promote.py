@@ -42,8 +42,7 @@ def _exported_isvc(version: Any) -> dict[str, Any]:
     export = version.tags.get(TAG_EXPORT)
     if not export:
         raise RegistryError(f"version {version.version} has no {TAG_EXPORT} tag: export it before promoting")
-    files = [u for u in storage.list_uris(storage.join(export, "manifests") if storage.is_s3(export)
-                                          else f"{export}/manifests") if u.endswith(".yaml")]
+    files = [u for u in storage.list_uris(storage.join(export, "manifests")) if u.endswith(".yaml")]
     for uri in sorted(files):
         for obj in yaml.safe_load_all(storage.read_bytes(uri)):
             if obj and obj.get("kind") == "InferenceService" and "containers" in obj["spec"]["predictor"]:

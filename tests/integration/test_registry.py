@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -33,12 +34,11 @@ def publish_evaluation(uri: str, model_uri: str, score: float, threshold: float)
     verdict = gate({"shapes_color/exact_match": score}, tasks, None)
     files = {"gate.json": json.dumps(verdict), "comparison.md": "# Evaluation\n\n| task | ours |\n|---|---|\n"
              f"| shapes_color | {score} |\n"}
-    for name, text in files.items():
-        storage.write_bytes(f"{uri}/{name}", text.encode())
-    storage.write_bytes(f"{uri}/_MANIFEST.json", json.dumps({
-        "format": storage.MANIFEST_FORMAT, "created": "", "total_bytes": 0,
-        "files": {n: {"size": len(t.encode()), "sha256": ""} for n, t in files.items()},
-        "metadata": {"model": model_uri, "gate_passed": verdict["passed"], "shapes_color/exact_match": score}}).encode())
+    with tempfile.TemporaryDirectory() as folder:
+        for name, text in files.items():
+            Path(folder, name).write_text(text)
+        storage.publish_dir(folder, uri, metadata={"model": model_uri, "gate_passed": verdict["passed"],
+                                                   "shapes_color/exact_match": score})
 
 
 @pytest.fixture(scope="module")
