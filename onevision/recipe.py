@@ -284,11 +284,20 @@ class StepResources(_Strict):
 
 
 class ClusterSpec(_Strict):
-    image: str = "ghcr.io/onevision/platform:latest"
+    # No image here: every step runs the one project image, components.PROJECT_IMAGE (infra/images),
+    # which the KFP components are decorated with at import time; a per-recipe image could not apply.
     namespace: str = "kubeflow"
     storage_bucket: str = "onevision"
     s3_secret: str = "onevision-s3"  # name of a Kubernetes Secret; credentials are never inlined
     steps: dict[str, StepResources] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_image(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "image" in data:
+            raise ValueError("cluster.image is not a recipe setting: every step runs the project image "
+                             "(components.PROJECT_IMAGE, built from infra/images/Dockerfile); remove the line")
+        return data
 
     @field_validator("steps")
     @classmethod
