@@ -5,7 +5,9 @@
     onevision stack up [--state-dir DIR] [--s3-port 8333] [--mlflow-port 5000]
     eval "$(onevision stack env)"
     onevision stack status | down
-    onevision run recipes/tiny.yaml          # the whole flow locally, on the local stack
+    onevision run --recipe recipes/tiny.yaml                  # the pipeline DAG under kfp.local, local stack
+    onevision compile --recipe recipes/ov-7b.yaml -o ov-7b.yaml   # KFP YAML (--all: pipelines/compiled/)
+    onevision submit --host https://kfp.example.com --recipe recipes/ov-7b.yaml [--param k=v]
 
 Each subcommand imports its package inside the handler, so `onevision recipe ...` never loads torch.
 """
@@ -18,6 +20,7 @@ import os
 import shlex
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _recipe_validate(args: argparse.Namespace) -> int:
@@ -70,9 +73,50 @@ def _stack(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pipelines.local import run_local
+    from pipelines.local import PipelineFailed, print_summary, run_local
 
-    run_local(args.recipe, state_dir=args.state_dir, run_id=args.run_id)
+    try:
+        summary = run_local(args.recipe_option or args.recipe, state_dir=args.state_dir, run_id=args.run_id,
+                            gitops_repo=args.gitops_repo)
+    except PipelineFailed as err:
+        print(f"\nrun FAILED: {err}", file=sys.stderr)
+        return 1
+    print_summary(summary)
+    print(f"wall time {summary['wall_s']:.0f} s")
+    return 0
+
+
+def _compile(args: argparse.Namespace) -> int:
+    from pipelines.compile import compile_pipeline, compile_presets
+
+    written = compile_presets() if args.all else [compile_pipeline(args.recipe, args.output)]
+    for path in written:
+        print(f"compiled {path}")
+    return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from pipelines.compile import compile_pipeline
+    from pipelines.submit import SubmitError, submit_pipeline
+
+    params = {}
+    for item in args.param:
+        key, _, value = item.partition("=")
+        params[key] = json.loads(value) if value[:1] in "[{0123456789-" or value in ("true", "false") else value
+    with tempfile.TemporaryDirectory() as tmp:
+        package = compile_pipeline(args.recipe, Path(tmp) / "pipeline.yaml")
+        import yaml
+
+        name = yaml.safe_load(package.read_text())["pipelineInfo"]["name"]
+        try:
+            result = submit_pipeline(args.host, str(package), name, experiment=args.experiment,
+                                     run_name=args.run_name, params=params, token=args.token, namespace=args.namespace)
+        except SubmitError as err:
+            print(f"submit: {err}", file=sys.stderr)
+            return 1
+    print(json.dumps(result, indent=1))
     return 0
 
 
@@ -119,11 +163,31 @@ def build_parser() -> argparse.ArgumentParser:
     stack.add_argument("--mlflow-port", type=int, default=5000)
     stack.set_defaults(handler=_stack)
 
-    run = sub.add_parser("run", help="run the whole flow locally on a recipe, on the local stack")
+    run = sub.add_parser("run", help="run the pipeline DAG locally (kfp.local) on a recipe, on the local stack")
     run.add_argument("recipe", nargs="?", default="recipes/tiny.yaml")
+    run.add_argument("--recipe", dest="recipe_option", default=None, help="recipe YAML (same as the positional)")
     run.add_argument("--state-dir", default=None, help="local stack state dir (default .onevision/stack)")
     run.add_argument("--run-id", default=None, help="pipeline run id; reuse one to resume (default: new)")
+    run.add_argument("--gitops-repo", default=os.environ.get("ONEVISION_GITOPS_REPO"),
+                     help="GitOps repository the deploy step pushes to (default: a bare repo in the state dir)")
     run.set_defaults(handler=_run)
+
+    comp = sub.add_parser("compile", help="compile the KFP pipeline of a recipe to YAML")
+    comp.add_argument("--recipe", help="recipe YAML inside the repository")
+    comp.add_argument("-o", "--output", help="compiled pipeline YAML to write")
+    comp.add_argument("--all", action="store_true", help="every recipes/*.yaml -> pipelines/compiled/")
+    comp.set_defaults(handler=_compile)
+
+    submit = sub.add_parser("submit", help="upload the recipe's pipeline (a new version) and start a run")
+    submit.add_argument("--host", required=True, help="KFP API endpoint, e.g. https://kubeflow.example.com/pipeline")
+    submit.add_argument("--recipe", required=True)
+    submit.add_argument("--experiment", default="onevision")
+    submit.add_argument("--run-name", default=None)
+    submit.add_argument("--namespace", default=None, help="Kubeflow profile namespace (multi-user KFP)")
+    submit.add_argument("--token", default=None, help="bearer token (default $KFP_TOKEN)")
+    submit.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                        help="pipeline parameter, e.g. stage2_si_learning_rate=1e-5 (JSON for dicts/lists)")
+    submit.set_defaults(handler=_submit)
 
     serve = sub.add_parser("serve", help="serve a model on 127.0.0.1 behind KServe or Triton")
     serve.add_argument("--model", required=True, help="HF folder (path or s3://) or models:/NAME@ALIAS")
@@ -153,7 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "compile" and not args.all and not (args.recipe and args.output):
+        parser.error("compile: give --recipe and -o, or --all")
     return args.handler(args)
 
 

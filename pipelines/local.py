@@ -1,113 +1,122 @@
-"""Run the flow locally on a recipe, on the embedded local stack (what `make run` does).
+"""Run the pipeline DAG locally with kfp.local on the embedded stack (what `make run` does).
 
-    onevision run recipes/tiny.yaml [--run-id local-...]      # ~8 minutes on 2 CPU cores for tiny
+    onevision run --recipe recipes/tiny.yaml [--run-id local-...]     # ~10 minutes on 2 CPU cores for tiny
 
-Steps, each a nested MLflow run under the pipeline's parent run, each reading and writing S3 URIs under
-`s3://onevision/runs/<recipe>/<run id>/`:
-  recipe    the resolved recipe, published
-  curate    per stage: the mixture sampled, validated, deduplicated and sharded; quarantine + data card
-  stage*    per stage: `python -m model.train` in its own process, as a pipeline pod runs it; resumable
-  evaluate  after the recipe's `evaluation.after_stages`: lmms-eval on the stage's checkpoint, gated
-A run id that already exists resumes: finished steps are skipped, an interrupted stage continues.
+The same DAG as on a cluster (pipelines/onevision.py), executed by `kfp.local.SubprocessRunner`: each
+task is a subprocess of this interpreter, in topological order; kfp-kubernetes placement, resources and
+retries have no effect locally. Outputs go to `s3://onevision/runs/<recipe>/<run id>/` on the local stack,
+the MLflow run tree to the local MLflow, the deploy step's branch to a bare GitOps repository in the
+stack's state folder. A run id that already exists resumes: each step finds its published output (or
+the newest complete checkpoint) and skips (or continues); nothing finished is redone.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from onevision import stack, storage, tracking
-from onevision.recipe import Recipe, dump_recipe, load_recipe
+from onevision.recipe import load_recipe
+
+RUNS_ROOT = f"s3://{stack.DATA_BUCKET}/runs"
+
+
+class PipelineFailed(RuntimeError):
+    """The local DAG stopped; the message names the failed step and how to resume."""
 
 
 def new_run_id() -> str:
     return time.strftime("local-%Y%m%d-%H%M%S", time.gmtime())
 
 
-def _publish_recipe(recipe: Recipe, run_uri: str) -> None:
-    import mlflow
-
-    with tempfile.TemporaryDirectory() as tmp:
-        resolved = Path(tmp, "recipe.yaml")
-        resolved.write_text(dump_recipe(recipe))
-        storage.publish_dir(tmp, f"{run_uri}/recipe", metadata={"recipe_hash": recipe.hash()})
-        mlflow.log_artifact(str(resolved))
+def local_gitops_repo(state_dir: Path) -> str:
+    """A bare git repository standing in for the GitOps repo (the deploy step pushes a branch to it)."""
+    repo = state_dir / "gitops.git"
+    if not (repo / "HEAD").exists():
+        subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(repo)], check=True)
+    return str(repo)
 
 
-def _done(uri: str) -> dict[str, Any] | None:
+def _metadata(uri: str) -> dict[str, Any] | None:
     try:
         return storage.read_manifest(uri)["metadata"]
     except storage.ManifestMissingError:
         return None
 
 
-def _train(recipe_path: str, stage: str, data: str, out: str, init: str | None, parent: str, work: Path) -> None:
-    cmd = [sys.executable, "-m", "model.train", "--recipe", recipe_path, "--stage", stage, "--data", data,
-           "--out", out, "--work-dir", str(work / stage), "--mlflow-parent", parent]
-    if init:
-        cmd += ["--init", init]
-    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
-    done = subprocess.run(cmd, env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"{stage}: training failed (exit {done.returncode}); rerun with the same --run-id to resume")
+def run_summary(recipe_path: str, run_uri: str, run_id: str, mlflow_ui: str) -> dict[str, Any]:
+    """What a run produced, read back from S3 and MLflow (so it also describes a resumed run)."""
+    from mlflow.tracking import MlflowClient
+
+    recipe = load_recipe(recipe_path)
+    stages = {name: _metadata(f"{run_uri}/{name}/hf") for name, _ in recipe.stages.enabled()}
+    curated = {name: _metadata(f"{run_uri}/curate/{name}") for name, _ in recipe.stages.enabled()}
+    evaluations = {name: _metadata(f"{run_uri}/evaluate/{name}") for name in recipe.evaluation.after_stages}
+    client = MlflowClient()
+    versions = [v for v in client.search_model_versions(f"name = '{recipe.registered_model_name}'", max_results=1000)
+                if v.tags.get(tracking.TAG_PIPELINE_RUN) == run_id]
+    registered = {"name": versions[0].name, "version": versions[0].version,
+                  "aliases": sorted(client.get_model_version(versions[0].name, versions[0].version).aliases)} \
+        if versions else None
+    experiment = client.get_experiment_by_name(tracking.experiment_name(recipe))
+    parent = client.search_runs([experiment.experiment_id], f"tags.`{tracking.TAG_PIPELINE_RUN}` = '{run_id}' and "
+                                f"tags.`{tracking.TAG_STEP}` = 'pipeline'", max_results=1) if experiment else []
+    url = f"{mlflow_ui}/#/experiments/{experiment.experiment_id}/runs/{parent[0].info.run_id}" if parent else mlflow_ui
+    return {"run_id": run_id, "run_uri": run_uri, "stages": stages, "curated": curated, "evaluations": evaluations,
+            "registered": registered, "mlflow_url": url}
 
 
-def _evaluate(recipe_path: str, stage: str, model_uri: str, out: str, parent: str, work: Path) -> dict[str, Any]:
-    """lmms-eval on the stage's checkpoint (components/evaluate); a published result is not redone."""
-    from components.evaluate.core import run as evaluate_run
+def print_summary(summary: dict[str, Any]) -> None:
+    print(f"\n== run {summary['run_id']}: outputs under {summary['run_uri']}")
+    for name, meta in summary["stages"].items():
+        kept = (summary["curated"].get(name) or {}).get("kept", "-")
+        if meta:
+            print(f"   {name:9s} {kept:>5} records  {meta.get('steps', '-'):>4} steps  train loss "
+                  f"{meta.get('train_loss', float('nan')):.3f}  held-out loss {meta.get('eval_loss_before', float('nan')):.3f}"
+                  f" -> {meta.get('eval_loss_after', float('nan')):.3f}")
+        else:
+            print(f"   {name:9s} not trained")
+    for name, meta in summary["evaluations"].items():
+        if meta:
+            scores = "  ".join(f"{k} {v:.2f}" for k, v in meta.items() if "/" in k and isinstance(v, (int, float)))
+            print(f"   evaluate {name}: gate {'passed' if meta.get('gate_passed') else 'FAILED'}  {scores}")
+    reg = summary["registered"]
+    print(f"   registered: {reg['name']} v{reg['version']} (aliases {', '.join(reg['aliases']) or 'none'})" if reg
+          else "   registered: nothing (the gate did not pass, or the run stopped earlier)")
+    print(f"   MLflow: {summary['mlflow_url']}\n", flush=True)
 
-    done = _done(out)
-    if done is None:
-        report = evaluate_run(str(Path(recipe_path).absolute()), stage, model_uri, out, mlflow_parent=parent,
-                              work_dir=str(work / f"evaluate-{stage}"))
-        done = _done(out)
-        print(report["comparison_markdown"], flush=True)
-    scores = {k: v for k, v in done.items() if "/" in k}
-    print(f"evaluate   {stage}: gate {'passed' if done['gate_passed'] else 'FAILED'}  "
-          + "  ".join(f"{k} {v:.2f}" for k, v in scores.items()), flush=True)
-    return {"gate_passed": done["gate_passed"], "scores": scores}
 
+def run_local(recipe_path: str, state_dir: str | None = None, run_id: str | None = None,
+              gitops_repo: str | None = None, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the whole DAG on the local stack; returns the run summary. Raises PipelineFailed."""
+    from kfp import local
 
-def run_local(recipe_path: str, state_dir: str | None = None, run_id: str | None = None) -> dict[str, Any]:
-    """Run the flow; returns the run's ids, URIs and the evaluations (gate, scores) per evaluated stage."""
-    from components.curate.core import run as curate_run
+    from pipelines.onevision import build_pipeline
 
+    recipe_path = str(Path(recipe_path).absolute())
     recipe = load_recipe(recipe_path)
     info = stack.stack_up(state_dir)
     os.environ.update(info.env())
+    state = Path(state_dir) if state_dir else stack.default_state_dir()
     run_id = run_id or new_run_id()
-    run_uri = f"s3://{stack.DATA_BUCKET}/runs/{recipe.name}/{run_id}"
-    # scratch only: everything that must survive (and lets a rerun resume) is in S3
-    work = Path(tempfile.mkdtemp(prefix=f"onevision-{recipe.name}-{run_id}-"))
-    parent = tracking.ensure_pipeline_run(recipe, run_id)
-    os.environ["ONEVISION_PIPELINE_RUN_ID"] = run_id
-    print(f"run        {run_id}  ->  {run_uri}\nMLflow     {info.mlflow_uri} (parent run {parent})", flush=True)
+    run_uri = storage.join(RUNS_ROOT, recipe.name, run_id)
+    print(f"run        {run_id}  ->  {run_uri}\nMLflow     {info.mlflow_uri}", flush=True)
 
-    if _done(f"{run_uri}/recipe") is None:
-        with tracking.step_run("recipe", parent, params={"recipe_path": recipe_path}):
-            _publish_recipe(recipe, run_uri)
-    init = None
-    evaluations: dict[str, dict[str, Any]] = {}
-    for name, _ in recipe.stages.enabled():
-        data = f"{run_uri}/curate/{name}"
-        if _done(data) is None:
-            summary = curate_run(str(Path(recipe_path).absolute()), name, data, mlflow_parent=parent, work_dir=str(work / "curate"))
-            totals = summary["totals"]
-            print(f"curate     {name}: {totals['kept']} kept, {totals['duplicates']} duplicates, "
-                  f"{totals['rejected']} rejected ({summary['records_per_s']:.0f} records/s)", flush=True)
-        out = f"{run_uri}/{name}"
-        if _done(f"{out}/hf") is None:
-            _train(str(Path(recipe_path).absolute()), name, data, out, init, parent, work)
-        print(f"train      {name}: {json.dumps(_done(f'{out}/hf'), default=str)}", flush=True)
-        init = f"{out}/hf"
-        if name in recipe.evaluation.after_stages:
-            evaluations[name] = _evaluate(recipe_path, name, init, f"{run_uri}/evaluate/{name}", parent, work)
-
-    return {"run_id": run_id, "run_uri": run_uri, "mlflow_parent_run": parent, "model_uri": init,
-            "evaluations": evaluations}
+    pipeline = build_pipeline(recipe, recipe_path, RUNS_ROOT)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(state / "kfp" / run_id))
+    started = time.monotonic()
+    try:
+        pipeline(run_id=run_id, gitops_repo=gitops_repo or local_gitops_repo(state), **(params or {}))
+    except RuntimeError as err:
+        gate = f"{run_uri}/evaluate/{recipe.evaluation.after_stages[-1]}/gate.json"
+        reason = storage.read_bytes(gate).decode() if storage.exists(gate) else ""
+        raise PipelineFailed(f"{str(err).splitlines()[0]}\n{('gate: ' + reason) if reason else ''}\n"
+                             f"resume with: onevision run --recipe {recipe_path} --run-id {run_id}") from None
+    finally:
+        local.config.LocalExecutionConfig.instance = None
+    summary = run_summary(recipe_path, run_uri, run_id, info.mlflow_uri)
+    summary["wall_s"] = time.monotonic() - started
+    return summary

@@ -96,6 +96,7 @@ def submit_pipeline(
     token: str | None = None,
     namespace: str | None = None,
     version_name: str | None = None,
+    service_account: str | None = "onevision-pipeline",
 ) -> dict[str, str]:
     """Upload `package_path` (pipeline or new version), get-or-create `experiment`, start a run.
 
@@ -105,7 +106,8 @@ def submit_pipeline(
     `version_name` defaults to `<pipeline_name>-<sha256 of the file, 12 hex>`; an existing version of
     that name is reused (if it records a different sha256 the submit fails rather than run other code).
     A new pipeline's first version is named like the pipeline (KFP's upload does so); resubmitting the
-    same file reuses it. Returns pipeline_id, version_id, experiment_id, run_id and run_url.
+    same file reuses it. `service_account` runs the pods (infra/platform/base/rbac.yaml lets it create
+    TrainJobs). Returns pipeline_id, version_id, experiment_id, run_id and run_url.
     """
     params = dict(params or {})
     host = host.rstrip("/") if host.startswith(("http://", "https://")) else "https://" + host.rstrip("/")
@@ -166,6 +168,7 @@ def submit_pipeline(
                 params=params,
                 pipeline_id=pipeline_id,
                 version_id=version.pipeline_version_id,
+                service_account=service_account,
             )
     except SubmitError:
         raise

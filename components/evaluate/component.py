@@ -68,3 +68,13 @@ def evaluate(
 
     outputs = namedtuple("Outputs", ["passed", "reasons", "results_uri"])
     return outputs(bool(report["gate"]["passed"]), json.dumps(list(report["gate"]["reasons"])), report["uri"])
+
+
+@dsl.component(base_image=PROJECT_IMAGE, install_kfp_package=False)
+def stop_on_failed_gate(stage: str, reasons: str, results_uri: str):
+    """The Else branch of the gate: fail the run, naming why, before anything is registered or deployed."""
+    import json
+
+    listed = "; ".join(json.loads(reasons)) or "no reason recorded"
+    raise RuntimeError(f"evaluation gate failed after {stage}: {listed}. Nothing was registered or deployed; "
+                       f"results: {results_uri}")

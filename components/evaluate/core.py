@@ -199,12 +199,29 @@ def _log_to_mlflow(stage: str, mlflow_parent: str, report: dict[str, Any], folde
             client.log_metric(run.info.run_id, f"eval/{key}", value)
 
 
+def published_report(stage: str, model_uri: str, out_uri: str) -> dict[str, Any] | None:
+    """The report of an evaluation of `model_uri` already published at `out_uri`, else None."""
+    try:
+        meta = storage.read_manifest(out_uri)["metadata"]
+    except storage.ManifestMissingError:
+        return None
+    if meta.get("model") != model_uri:
+        raise EvaluationError(f"{out_uri} holds an evaluation of {meta.get('model')}, not {model_uri}")
+    verdict = json.loads(storage.read_bytes(storage.join(out_uri, "gate.json")))
+    return {"stage": stage, "model_uri": model_uri, "scores": verdict["scores"], "gate": verdict, "uri": out_uri,
+            "comparison_markdown": storage.read_bytes(storage.join(out_uri, "comparison.md")).decode(),
+            "champion_version": None}
+
+
 def run(recipe_uri: str, stage: str, model_uri: str, out_uri: str, mlflow_parent: str | None = None,
         work_dir: str | None = None, include_paths: list[str] = ()) -> dict[str, Any]:
     """The pipeline step: evaluate `model_uri` (HF folder, path or s3://) trained through `stage`."""
     from model.builder import resolve_source
 
     recipe = load_recipe(recipe_uri)
+    published = published_report(stage, model_uri, out_uri)
+    if published is not None:  # a resumed or retried run: the verdict stands, lmms-eval is not rerun
+        return published
     work = Path(work_dir or tempfile.mkdtemp(prefix=f"evaluate-{stage}-"))
     work.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix="publish-", dir=work))

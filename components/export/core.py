@@ -30,6 +30,14 @@ def run(recipe_uri: str, model_uri: str, out_uri: str, work_dir: str | None = No
     recipe = load_recipe(recipe_uri)
     triton = next((t for t in recipe.deploy if t.kind == "triton"), None)
     name = triton.name if triton else "onevision"
+    try:
+        published = storage.read_manifest(out_uri)
+    except storage.ManifestMissingError:
+        published = None
+    if published and published["metadata"].get("model") == model_uri:  # a resumed run: already exported
+        return {"uri": out_uri, "triton_uri": storage.join(out_uri, "triton"), "triton_model": name,
+                "manifests": sorted(f.split("/")[-1] for f in published["files"] if f.startswith("manifests/")),
+                "manifest_sha256": storage.manifest_hash(out_uri)}
     with tempfile.TemporaryDirectory(prefix="export-", dir=work_dir) as staging:
         build_model_repository(model_uri, Path(staging) / "triton", name=name,
                                max_batch_size=triton.max_batch_size if triton else 8, copy_weights=True,

@@ -17,15 +17,17 @@ from components import PROJECT_IMAGE
 
 @dsl.component(base_image=PROJECT_IMAGE, install_kfp_package=False)
 def register_model(recipe_uri: str, model_uri: str, evaluation_uri: str, export_uri: str, pipeline_run_id: str,
-                   model_card: dsl.Output[dsl.Markdown]
+                   model_card: dsl.Output[dsl.Markdown], data_uris: dict = {}, checkpoints: dict = {}
                    ) -> NamedTuple("Outputs", [("name", str), ("version", str), ("candidate", bool)]):
-    """Register model_uri (the merged HF folder in S3) as a version with lineage, scores, gate and card."""
+    """Register model_uri (the merged HF folder in S3) as a version with lineage, scores, gate and card.
+    data_uris / checkpoints map each stage to its curated shards / checkpoint (lineage tags, model card)."""
     from collections import namedtuple
     from pathlib import Path
 
     from components.register.core import register
 
-    result = register(recipe_uri, model_uri, evaluation_uri, pipeline_run_id, export_uri=export_uri or None)
+    result = register(recipe_uri, model_uri, evaluation_uri, pipeline_run_id, export_uri=export_uri or None,
+                      data_uris=data_uris or None, checkpoints=checkpoints or None)
     Path(model_card.path).parent.mkdir(parents=True, exist_ok=True)
     Path(model_card.path).write_text(result["model_card"], encoding="utf-8")
     model_card.metadata.update({"name": result["name"], "version": result["version"]})

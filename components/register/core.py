@@ -90,7 +90,13 @@ def register(recipe_uri: str, model_uri: str, evaluation_uri: str, pipeline_run_
         if "already exists" not in str(err).lower() and getattr(err, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
             raise
     card = model_card(recipe, model_uri, gate, comparison, data, checkpoints)
-    version = client.create_model_version(name, source=model_uri, tags=tags, description=card)
+    existing = [v for v in client.search_model_versions(f"name = '{name}'", max_results=1000)
+                if v.source == model_uri and v.tags.get(tracking.TAG_PIPELINE_RUN) == pipeline_run_id]
+    if existing:  # a retried or resumed pipeline step: the version this run already registered
+        version = existing[0]
+        print(f"[register] {name} v{version.version} already registered by run {pipeline_run_id}", flush=True)
+    else:
+        version = client.create_model_version(name, source=model_uri, tags=tags, description=card)
     for _ in range(60):  # S3 sources are READY at once; other stores may take a moment
         if client.get_model_version(name, version.version).status == "READY":
             break

@@ -67,6 +67,9 @@ def overlay(isvc: dict[str, Any], storage_uri: str, canary: int | None, namespac
 
 def write_overlay(gitops_repo: str, name: str, env: str, files: dict[str, str], message: str, branch: str) -> str:
     """Commit the overlay on a new branch of the GitOps repository and push it; returns the commit."""
+    pushed = subprocess.run(["git", "ls-remote", "--heads", gitops_repo, branch], capture_output=True, text=True)
+    if pushed.returncode == 0 and pushed.stdout.strip():  # a retried step: this overlay is already up for review
+        return pushed.stdout.split()[0]
     with tempfile.TemporaryDirectory(prefix="gitops-") as tmp:
         work = Path(tmp) / "repo"
         done = subprocess.run(["git", "clone", "--quiet", gitops_repo, str(work)], capture_output=True, text=True)

@@ -327,7 +327,7 @@ def test_every_copy_source_exists_and_reaches_the_build_context(name: str) -> No
                 assert not source.startswith(("/", "..")) and "://" not in source, source
                 assert list(ROOT.glob(source)), f"{name}: COPY {source}: not in the repository"
                 assert not _dockerignore_excludes(source.rstrip("/"), patterns), f".dockerignore drops {source}"
-    for kept_out in (".venv", ".git", ".onevision", "tests", "benchmarks", "infra", "recipes"):
+    for kept_out in (".venv", ".git", ".onevision", "tests", "benchmarks", "infra"):
         assert _dockerignore_excludes(kept_out, patterns), kept_out
 
 
@@ -401,3 +401,12 @@ def test_recipes_name_no_image() -> None:
     doc["cluster"]["image"] = PROJECT_IMAGE
     with pytest.raises(RecipeError, match=r"cluster.*PROJECT_IMAGE"):
         parse_recipe(doc, "tiny.yaml")
+
+
+def test_the_image_carries_the_recipes_compiled_pipelines_name() -> None:
+    """Compiled pipelines default recipe_uri to `recipes/<file>`, relative to the image's working directory."""
+    lines = [line.split() for line in (ROOT / "infra/images/Dockerfile").read_text().splitlines() if line.strip()]
+    workdirs = [parts[1] for parts in lines if parts[0] == "WORKDIR"]
+    copies = [parts for parts in lines if parts[0] == "COPY" and "recipes" in parts]
+    assert copies, "the image must COPY recipes/"
+    assert copies[-1][-1] in ("./recipes", f"{workdirs[-1]}/recipes")

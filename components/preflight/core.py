@@ -1,0 +1,176 @@
+"""Preflight: check everything a pipeline run needs before any GPU step, then pin the run's recipe.
+
+    python -m components.preflight.core --recipe recipes/tiny.yaml --runs-root s3://onevision/runs --run-id r1 \
+        --override stage1.lr=2e-3
+
+Checks, all of them, reported together (one run fails once, with every reason):
+  credentials  the S3 and MLflow settings the pods get from Secrets/ConfigMaps are present (names, never values)
+  s3           the runs bucket exists and a probe object can be written, read back and deleted;
+               every s3:// input the recipe names (data, media, init checkpoint) exists
+  mlflow       the tracking server answers /health within seconds (not after minutes of client retries)
+  registry     the model registry answers, and the champion's version (if any) can be read
+  recipe       the recipe with the run's overrides validates; a resumed run id keeps the same recipe
+Then it publishes the resolved recipe at `<run_uri>/recipe/recipe.yaml` (what every later step reads) and
+opens the pipeline's parent MLflow run. Rerunning with the same run id resumes: nothing is redone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from onevision import storage, tracking
+from onevision.recipe import Recipe, RecipeError, dump_recipe, load_recipe, parse_recipe
+
+STAGES = ("stage1", "stage1_5", "stage2_si", "stage2_ov")
+# pipeline parameter value 0 means "the recipe's None" for these optional fields
+ZERO_IS_NONE = {"max_steps", "vision_tower_lr"}
+
+
+class PreflightError(RuntimeError):
+    """What is missing or unreachable, every reason listed."""
+
+
+def apply_overrides(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:
+    """Set dotted fields (`stage1.lr`, `curation.workers`, `evaluation.batch_size`, `training.seed`) and
+    revalidate. Values may arrive as strings (KFP passes dict members that way); they are parsed into the
+    field's type by the recipe's own validation."""
+    doc = recipe.model_dump(mode="json")
+    for key, raw in overrides.items():
+        path = key.split(".")
+        node: Any = doc["stages"] if path[0] in STAGES else doc
+        for part in path[:-1]:
+            if not isinstance(node, dict) or part not in node or node[part] is None:
+                raise RecipeError(f"override {key!r}: no such recipe field")
+            node = node[part]
+        field = path[-1]
+        if not isinstance(node, dict) or field not in node:
+            raise RecipeError(f"override {key!r}: no such recipe field")
+        value = raw
+        if isinstance(raw, str):
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                raise RecipeError(f"override {key!r}: {raw!r} is not a number, boolean or JSON value") from None
+        if isinstance(value, float) and value.is_integer() and isinstance(node[field], int):
+            value = int(value)  # KFP hands integer parameters over as "3.0"
+        node[field] = None if field in ZERO_IS_NONE and value == 0 else value
+    return parse_recipe(doc, f"{recipe.name} with overrides {sorted(overrides)}")
+
+
+def _s3_inputs(recipe: Recipe) -> list[str]:
+    uris = [recipe.model.init_from] if recipe.model.init_from else []
+    for name, stage in recipe.stages.enabled():
+        for source in stage.data:
+            uris += [u for u in (source.json_path, source.media_root) if u]
+    return [u for u in uris if storage.is_s3(u)]
+
+
+def check_s3(runs_root: str, recipe: Recipe) -> list[str]:
+    problems = [f"credentials: {name} is not set (the pod gets it from the S3 Secret)"
+                for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if not os.environ.get(name)]
+    if problems or not storage.is_s3(runs_root):
+        return problems
+    location = storage.parse_s3(runs_root)
+    try:
+        if not storage.s3_client().bucket_exists(location.bucket):
+            return [f"s3: bucket {location.bucket!r} of {runs_root} does not exist at {storage.s3_endpoint()}"]
+        probe = storage.join(runs_root, "_preflight", f"probe-{os.getpid()}")
+        storage.write_bytes(probe, b"ok")
+        if storage.read_bytes(probe) != b"ok":
+            problems.append(f"s3: probe object {probe} read back different bytes")
+        storage.delete(probe)
+    except Exception as err:  # noqa: BLE001 - any failure here is a reason to stop, reported by name
+        return [f"s3: {storage.s3_endpoint()} refused a write/read/delete under {runs_root}: {err}"]
+    for uri in _s3_inputs(recipe):
+        if not (storage.exists(uri) or storage.list_uris(uri.rstrip("/") + "/", limit=1)):
+            problems.append(f"s3: the recipe's input {uri} does not exist")
+    return problems
+
+
+def check_mlflow(recipe: Recipe, timeout_s: float = 5.0) -> list[str]:
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri.startswith(("http://", "https://")):
+        return [f"mlflow: MLFLOW_TRACKING_URI must name the tracking server (got {uri!r})"]
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as reply:
+            if reply.status != 200:
+                return [f"mlflow: {uri}/health answered {reply.status}"]
+    except (urllib.error.URLError, OSError) as err:
+        return [f"mlflow: tracking server {uri} is unreachable ({err})"]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    try:
+        models = client.search_registered_models(filter_string=f"name = '{recipe.registered_model_name}'")
+        if models and "champion" in models[0].aliases:
+            client.get_model_version(recipe.registered_model_name, models[0].aliases["champion"])
+    except Exception as err:  # noqa: BLE001
+        return [f"registry: {uri} cannot read registered model {recipe.registered_model_name!r}: {err}"]
+    return []
+
+
+def publish_recipe(recipe: Recipe, run_uri: str) -> str:
+    """Pin the run's recipe; a resumed run id must carry the same one. Returns its URI."""
+    prefix = storage.join(run_uri, "recipe")
+    uri = storage.join(prefix, "recipe.yaml")
+    try:
+        pinned = storage.read_manifest(prefix)["metadata"]["recipe_hash"]
+    except storage.ManifestMissingError:
+        with tempfile.TemporaryDirectory() as tmp:
+            Path(tmp, "recipe.yaml").write_text(dump_recipe(recipe))
+            storage.publish_dir(tmp, prefix, metadata={"recipe_hash": recipe.hash()})
+        return uri
+    if pinned != recipe.hash():
+        raise PreflightError(f"recipe: run {run_uri} already exists with recipe hash {pinned[:12]}, but this run's "
+                             f"recipe (with its parameters) hashes to {recipe.hash()[:12]}; start a new run id")
+    return uri
+
+
+def run(recipe_uri: str, runs_root: str, run_id: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Check, pin the recipe, open the MLflow parent run. Returns run_id, run_uri, recipe_uri, mlflow_parent."""
+    try:
+        recipe = apply_overrides(load_recipe(recipe_uri), overrides or {})
+    except RecipeError as err:
+        raise PreflightError(f"recipe: {err}") from None
+    problems = check_s3(runs_root, recipe) + check_mlflow(recipe)
+    if problems:
+        raise PreflightError("preflight failed, nothing was started:\n  " + "\n  ".join(problems))
+    run_uri = storage.join(runs_root, recipe.name, run_id)
+    pinned_uri = publish_recipe(recipe, run_uri)
+    parent = tracking.ensure_pipeline_run(recipe, run_id)
+    with tracking.step_run("preflight", parent, params={"recipe_uri": recipe_uri, "overrides": overrides or {}}):
+        import mlflow
+
+        mlflow.log_text(dump_recipe(recipe), "recipe.yaml")
+    print(f"[preflight] ok: run {run_id} -> {run_uri} (recipe {recipe.hash()[:12]}, MLflow parent {parent})", flush=True)
+    return {"run_id": run_id, "run_uri": run_uri, "recipe_uri": pinned_uri, "mlflow_parent": parent,
+            "recipe_hash": recipe.hash()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m components.preflight.core", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipe", required=True, help="recipe YAML: local path or s3://")
+    parser.add_argument("--runs-root", default="s3://onevision/runs", help="runs live at <root>/<recipe>/<run id>")
+    parser.add_argument("--run-id", required=True)
+    parser.add_argument("--override", action="append", default=[], metavar="FIELD=VALUE")
+    args = parser.parse_args(argv)
+    overrides = dict(item.split("=", 1) for item in args.override)
+    try:
+        result = run(args.recipe, args.runs_root, args.run_id, overrides)
+    except PreflightError as err:
+        print(err, file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
