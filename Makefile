@@ -1,4 +1,4 @@
-# make run   set up .venv, bring up the local stack (S3 + MLflow on 127.0.0.1), run the flow on recipes/tiny.yaml
+# make run   set up .venv, bring up the local stack (S3 + MLflow on 127.0.0.1), run the pipeline DAG (kfp.local) on recipes/tiny.yaml
 # make test  set up .venv, run the whole suite: unit, integration (real local services), e2e
 # make fast  unit tests only (no services): quick feedback while editing
 # make lock  re-freeze constraints.txt from the current .venv after changing a pin in pyproject.toml
@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 run: $(STAMP)
-	$(BIN)/onevision run $(RECIPE)
+	$(BIN)/onevision run --recipe $(RECIPE)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

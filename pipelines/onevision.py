@@ -144,22 +144,22 @@ def build_pipeline(recipe: Recipe, recipe_uri: str, runs_root: str = "s3://onevi
             runs_root: S3 prefix under which runs are written.
             curate_workers: Decode/validate processes per curation step (0: one per CPU core).
             stage1_learning_rate: Stage-1 (alignment, projector only) peak learning rate.
-            stage1_vision_tower_learning_rate: Stage-1 vision tower learning rate (0: the recipe has none).
+            stage1_vision_tower_learning_rate: Stage-1 vision tower learning rate (0 while the tower is frozen).
             stage1_global_batch_size: Stage-1 global batch size (samples per optimizer step).
             stage1_epochs: Stage-1 epochs over the curated data.
             stage1_max_steps: Stage-1 step cap (0: epochs decide).
             stage1_5_learning_rate: Stage-1.5 (high-quality knowledge, full model) peak learning rate.
-            stage1_5_vision_tower_learning_rate: Stage-1.5 vision tower learning rate (0: same schedule as the LLM).
+            stage1_5_vision_tower_learning_rate: Stage-1.5 vision tower learning rate (0 while the tower is frozen).
             stage1_5_global_batch_size: Stage-1.5 global batch size.
             stage1_5_epochs: Stage-1.5 epochs.
             stage1_5_max_steps: Stage-1.5 step cap (0: epochs decide).
             stage2_si_learning_rate: Stage-2 single-image instruction tuning peak learning rate.
-            stage2_si_vision_tower_learning_rate: Stage-2 SI vision tower learning rate (0: as the LLM).
+            stage2_si_vision_tower_learning_rate: Stage-2 SI vision tower learning rate (0 while the tower is frozen).
             stage2_si_global_batch_size: Stage-2 SI global batch size.
             stage2_si_epochs: Stage-2 SI epochs.
             stage2_si_max_steps: Stage-2 SI step cap (0: epochs decide).
             stage2_ov_learning_rate: Stage-2 OneVision (single-image, multi-image, video) peak learning rate.
-            stage2_ov_vision_tower_learning_rate: Stage-2 OV vision tower learning rate (0: as the LLM).
+            stage2_ov_vision_tower_learning_rate: Stage-2 OV vision tower learning rate (0 while the tower is frozen).
             stage2_ov_global_batch_size: Stage-2 OV global batch size.
             stage2_ov_epochs: Stage-2 OV epochs.
             stage2_ov_max_steps: Stage-2 OV step cap (0: epochs decide).
