@@ -69,7 +69,7 @@ def trainjob_name(run_id: str, stage: str) -> str:
 def run(recipe_uri: str, stage: str, data_uri: str, out_uri: str, init_uri: str | None = None,
         mlflow_parent: str | None = None, work_dir: str | None = None, run_id: str = "local",
         node_selector: dict[str, str] | None = None, tolerations: list[dict[str, Any]] | None = None,
-        trainjob_path: str | None = None, timeout_s: float = 7 * 24 * 3600) -> dict[str, Any]:
+        trainjob_path: str | None = None, timeout_s: float = 7 * 24 * 3600, poll_s: float = 10.0) -> dict[str, Any]:
     """Train `stage` and return its published checkpoint's metadata plus `hf_uri` and how it ran (`mode`)."""
     hf_uri = storage.join(out_uri, "hf")
     done = _published(hf_uri)
@@ -82,7 +82,7 @@ def run(recipe_uri: str, stage: str, data_uri: str, out_uri: str, init_uri: str 
     if resources.nodes > 1:
         mode = "trainjob"
         _run_trainjob(recipe_uri, stage, data_uri, out_uri, init_uri, mlflow_parent, run_id, recipe, node_selector,
-                      tolerations, trainjob_path, timeout_s)
+                      tolerations, trainjob_path, timeout_s, poll_s)
     else:
         mode = "local"
         cmd = train_command(train_args(recipe_uri, stage, data_uri, out_uri, init_uri, work_dir, mlflow_parent),
@@ -102,7 +102,8 @@ def run(recipe_uri: str, stage: str, data_uri: str, out_uri: str, init_uri: str 
 
 def _run_trainjob(recipe_uri: str, stage: str, data_uri: str, out_uri: str, init_uri: str | None,
                   mlflow_parent: str | None, run_id: str, recipe: Any, node_selector: dict[str, str] | None,
-                  tolerations: list[dict[str, Any]] | None, trainjob_path: str | None, timeout_s: float) -> None:
+                  tolerations: list[dict[str, Any]] | None, trainjob_path: str | None, timeout_s: float,
+                  poll_s: float) -> None:
     from components import PROJECT_IMAGE
     from components.train.trainjob import run_trainjob, trainjob_manifest
 
@@ -123,7 +124,7 @@ def _run_trainjob(recipe_uri: str, stage: str, data_uri: str, out_uri: str, init
     if trainjob_path:
         Path(trainjob_path).parent.mkdir(parents=True, exist_ok=True)
         Path(trainjob_path).write_text(json.dumps(manifest, indent=1))
-    run_trainjob(manifest, timeout_s=timeout_s, log=lambda line: print(line, flush=True))
+    run_trainjob(manifest, timeout_s=timeout_s, poll_s=poll_s, log=lambda line: print(line, flush=True))
 
 
 def main(argv: list[str] | None = None) -> int:
