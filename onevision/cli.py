@@ -95,25 +95,39 @@ def _compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _typed_params(items: list[str], declared: dict[str, dict]) -> dict[str, object]:
+    """NAME=VALUE pairs typed by the compiled pipeline's parameter declarations (JSON for dicts/lists)."""
+    parse = {"NUMBER_INTEGER": int, "NUMBER_DOUBLE": float, "BOOLEAN": lambda v: {"true": True, "false": False}[v.lower()],
+             "STRUCT": json.loads, "LIST": json.loads}
+    params: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--param {item!r}: expected NAME=VALUE")
+        kind = declared.get(key, {}).get("parameterType", "STRING")  # unknown names: submit names them
+        try:
+            params[key] = parse.get(kind, str)(value)
+        except (ValueError, KeyError) as err:
+            raise ValueError(f"--param {key}: {value!r} is not a {kind.lower()} ({err})") from None
+    return params
+
+
 def _submit(args: argparse.Namespace) -> int:
     import tempfile
 
-    from pipelines.compile import compile_pipeline
-    from pipelines.submit import SubmitError, submit_pipeline
+    import yaml
 
-    params = {}
-    for item in args.param:
-        key, _, value = item.partition("=")
-        params[key] = json.loads(value) if value[:1] in "[{0123456789-" or value in ("true", "false") else value
+    from pipelines.compile import compile_pipeline
+    from pipelines.submit import SubmitError, pipeline_parameters, submit_pipeline
+
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_pipeline(args.recipe, Path(tmp) / "pipeline.yaml")
-        import yaml
-
-        name = yaml.safe_load(package.read_text())["pipelineInfo"]["name"]
+        name = next(yaml.safe_load_all(package.read_text()))["pipelineInfo"]["name"]  # doc 2: the platform spec
         try:
+            params = _typed_params(args.param, pipeline_parameters(str(package)))
             result = submit_pipeline(args.host, str(package), name, experiment=args.experiment,
                                      run_name=args.run_name, params=params, token=args.token, namespace=args.namespace)
-        except SubmitError as err:
+        except (SubmitError, ValueError) as err:
             print(f"submit: {err}", file=sys.stderr)
             return 1
     print(json.dumps(result, indent=1))

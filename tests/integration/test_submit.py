@@ -298,3 +298,33 @@ def test_unreachable_host(compile_pipeline: Callable[[int], Path]) -> None:
         host = f"http://127.0.0.1:{s.getsockname()[1]}"
     with pytest.raises(SubmitError, match=r"KFP at http://127\.0\.0\.1:\d+: connecting failed: cannot reach"):
         submit_pipeline(host, str(compile_pipeline(1)), "ov-train", params={"message": "m"}, token=TOKEN)
+
+
+def test_onevision_submit_compiles_the_recipe_and_passes_typed_params(
+    fake_kfp_factory: Callable[..., FakeKFP], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`onevision submit`: the recipe's real pipeline, typed --param values (numbers, JSON), the service account."""
+    import yaml
+
+    from onevision.cli import main
+    from pipelines.compile import COMPILED_DIR
+
+    srv = fake_kfp_factory()
+    code = main(["submit", "--host", srv.url, "--recipe", "recipes/tiny.yaml", "--token", TOKEN,
+                 "--param", "stage2_si_learning_rate=1e-5", "--param", "stage1_max_steps=3",
+                 "--param", 'gpu_node_selector={"pool": "h200"}', "--param", "deploy_env=staging",
+                 "--param", "run_id=2026"])
+    assert code == 0
+    (pipeline,) = srv.pipelines
+    assert pipeline["display_name"] == "onevision-tiny"
+    uploaded = list(yaml.safe_load_all(srv.versions[0]["spec_text"]))
+    assert uploaded == list(yaml.safe_load_all((COMPILED_DIR / "tiny.yaml").read_text()))  # the committed one
+    (run,) = srv.runs
+    assert run["runtime_config"]["parameters"] == {"stage2_si_learning_rate": 1e-5, "stage1_max_steps": 3,
+                                                   "gpu_node_selector": {"pool": "h200"}, "deploy_env": "staging",
+                                                   "run_id": "2026"}  # typed by the pipeline's declarations
+    assert run["service_account"] == "onevision-pipeline"
+    assert json.loads(capsys.readouterr().out)["run_id"] == run["run_id"]
+    assert main(["submit", "--host", srv.url, "--recipe", "recipes/tiny.yaml", "--param", "stage1_max_steps=many"]) == 1
+    assert "stage1_max_steps: 'many' is not a number_integer" in capsys.readouterr().err
+    assert len(srv.runs) == 1
