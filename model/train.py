@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
@@ -36,7 +35,7 @@ from model.batching import Collator, ModalityLengthGroupedSampler
 from model.builder import build_model_and_processor, configure_stage
 from model.processing import SampleProcessor
 from model.shards import ShardDataset, open_shards
-from onevision import storage
+from onevision import storage, tracking
 from onevision.recipe import Recipe, StageSpec, load_recipe
 
 EXIT_USAGE, EXIT_FAILED = 2, 3
@@ -44,6 +43,10 @@ EXIT_USAGE, EXIT_FAILED = 2, 3
 
 class TrainingError(RuntimeError):
     """A stage cannot start or continue; the message says why and what to do."""
+
+
+class TrainingComplete(Exception):
+    """Raised by the trainer before a step past the stage's last: the resumed checkpoint was the final one."""
 
 
 def rank() -> int:
@@ -181,7 +184,16 @@ def make_args(recipe: Recipe, stage: StageSpec, stage_name: str, work: Path) -> 
 
 def make_trainer(recipe: Recipe, stage: StageSpec, stage_name: str, args: Any, model: Any, processor: Any,
                  train_set: Any, eval_set: Any, callbacks: list[Any], on_batch: Any = None) -> Any:
-    from transformers import Trainer
+    from transformers import Trainer, TrainerCallback
+
+    class StopAtTheEnd(TrainerCallback):
+        """transformers resumed from the checkpoint of the final step trains one step more (its loop tests
+        max_steps after a step, not before): a stage killed between that checkpoint and its HF publish
+        would step past its schedule. Stop before such a step, with the checkpoint's state loaded."""
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if 0 < state.max_steps <= state.global_step:
+                raise TrainingComplete(f"step {state.global_step} of {state.max_steps}")
 
     square = stage.image_aspect_ratio == "square"
     vision_lr = stage.vision_tower_lr or stage.lr
@@ -225,7 +237,7 @@ def make_trainer(recipe: Recipe, stage: StageSpec, stage_name: str, args: Any, m
 
     return StageTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                         data_collator=Collator(processor.tokenizer.pad_token_id, square=square),
-                        callbacks=callbacks)
+                        callbacks=[*callbacks, StopAtTheEnd()])
 
 
 # --- checkpoints ------------------------------------------------------------------------------------
@@ -243,6 +255,30 @@ def latest_complete_checkpoint(out: str) -> tuple[int, str] | None:
         return None
     step = max(steps)
     return step, storage.join(prefix, f"checkpoint-{step}")
+
+
+def fetch_checkpoint(uri: str, local: Path) -> Path:
+    """A local copy of the published checkpoint at `uri` that matches its manifest (sizes, sha256).
+
+    A copy already in the work dir (a restarted container keeps it) is trusted only if it matches: a
+    download cut by a kill leaves files missing, and resuming from it would fail or, worse, resume
+    without the RNG or scheduler state. Otherwise it is fetched again, under a temporary name first.
+    One process per node fetches (the work dir is the node's); the others wait at a barrier.
+    """
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        files = storage.read_manifest(uri)["files"]
+        if not (local.is_dir() and all(
+                (local / rel).is_file() and (local / rel).stat().st_size == info["size"]
+                and storage.sha256_file(local / rel) == info["sha256"] for rel, info in files.items())):
+            partial = local.parent.parent / f".download-{local.name}"  # outside the Trainer's checkpoints/
+            shutil.rmtree(partial, ignore_errors=True)
+            storage.get_dir(uri, partial)
+            shutil.rmtree(local, ignore_errors=True)
+            local.parent.mkdir(parents=True, exist_ok=True)
+            partial.rename(local)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return local
 
 
 def check_disk(path: Path, model: torch.nn.Module) -> None:
@@ -280,6 +316,8 @@ def train_stage(recipe: Recipe, stage_name: str, data_uri: str, out: str, init: 
         return {**done, "hf_uri": storage.join(out, "hf"), "losses": []}
     except storage.ManifestMissingError:
         pass
+    if rank() == 0 and os.environ.get("MLFLOW_TRACKING_URI"):
+        tracking.check_server()  # before any work: a down server fails the step in seconds, not minutes
     work = Path(work_dir or tempfile.mkdtemp(prefix=f"onevision-{stage_name}-"))
     work.mkdir(parents=True, exist_ok=True)
     # A random tiny model is built whole before the DeepSpeed config exists, so its seeded weights are
@@ -305,9 +343,7 @@ def train_stage(recipe: Recipe, stage_name: str, data_uri: str, out: str, init: 
     resume_dir = None
     if resume:
         step, uri = resume
-        resume_dir = work / "checkpoints" / f"checkpoint-{step}"
-        if not resume_dir.exists():
-            storage.get_dir(uri, resume_dir)
+        resume_dir = fetch_checkpoint(uri, work / "checkpoints" / f"checkpoint-{step}")
         signature = json.loads((resume_dir / "model_signature.json").read_text())
         if signature != model_signature(model):
             diff = [k for k in signature if signature[k] != model_signature(model).get(k)][:3]
@@ -333,15 +369,18 @@ def train_stage(recipe: Recipe, stage_name: str, data_uri: str, out: str, init: 
         if rank() == 0:
             storage.write_bytes(before_uri, json.dumps({"loss": before}).encode())
     try:
-        result = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
+        trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
+    except TrainingComplete as done:
+        log(f"{stage_name}: {resume_dir.name} is the last step's ({done}); nothing left to train")
     except OSError as err:
         if err.errno == 28:  # ENOSPC
             raise TrainingError(f"{stage_name}: out of disk while writing to {work}: {err}") from None
         raise
     after = measure()
-    summary = {"stage": stage_name, "steps": trainer.state.global_step, "train_loss": result.training_loss,
-               "eval_loss_before": before, "eval_loss_after": after, "trainable": trainable,
-               "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]}
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]  # all steps, resumed or not
+    summary = {"stage": stage_name, "steps": trainer.state.global_step,
+               "train_loss": sum(losses) / len(losses) if losses else None,
+               "eval_loss_before": before, "eval_loss_after": after, "trainable": trainable, "losses": losses}
     if rank() == 0:
         hf_dir = work / "hf"
         # the Trainer saved a checkpoint at the last step; with ZeRO its fp32 master weights are merged
@@ -389,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = train_stage(load_recipe(args.recipe), args.stage, args.data, args.out, args.init,
                               args.work_dir, args.holdout, args.mlflow_parent)
-    except (TrainingError, storage.StorageError, FileNotFoundError) as err:
+    except (TrainingError, storage.StorageError, tracking.TrackingError, FileNotFoundError) as err:
         print(f"[train] FAILED: {err}", file=sys.stderr, flush=True)
         return EXIT_FAILED
     if args.summary and rank() == 0:

@@ -7,8 +7,10 @@
 
 S3 settings come from the environment, the same variables boto3 (MLflow) and KServe read:
 AWS_ENDPOINT_URL (e.g. http://127.0.0.1:8333), AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION.
-Transient failures (connection errors, 5xx, SlowDown) are retried ONEVISION_S3_RETRIES times (default 4)
-with exponential backoff from ONEVISION_S3_BACKOFF seconds (default 0.5), then raise StorageError.
+Transient failures (connection errors, 5xx, SlowDown) are retried ONEVISION_S3_RETRIES times (default 6)
+with exponential backoff from ONEVISION_S3_BACKOFF seconds (default 0.5: 31.5 s of waits in all, so that a
+store restarting under an upload is waited for; the local stack's took 3-14 s), each retry logged as a
+warning, then raise StorageError.
 
 Atomicity: a single object is never visible half-written (S3 PUT and multipart-complete are atomic; local
 files are written to a temporary name and renamed). A *directory* is published objects first and the
@@ -21,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -34,6 +37,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 from urllib.parse import urlparse
 
+log = logging.getLogger(__name__)
 MANIFEST_NAME = "_MANIFEST.json"
 MANIFEST_FORMAT = "onevision-manifest/1"
 T = TypeVar("T")
@@ -135,7 +139,7 @@ def _is_transient(err: BaseException) -> bool:
 def _with_retries(what: str, op: Callable[[], T]) -> T:
     from minio.error import S3Error
 
-    attempts = 1 + int(os.environ.get("ONEVISION_S3_RETRIES", "4"))
+    attempts = 1 + int(os.environ.get("ONEVISION_S3_RETRIES", "6"))
     delay = float(os.environ.get("ONEVISION_S3_BACKOFF", "0.5"))
     for attempt in range(1, attempts + 1):
         try:
@@ -151,22 +155,38 @@ def _with_retries(what: str, op: Callable[[], T]) -> T:
                 raise StorageError(
                     f"{what}: S3 endpoint {s3_endpoint()} failed after {attempts} attempts "
                     f"({type(err).__name__}: {err})") from err
-            time.sleep(delay * 2 ** (attempt - 1))
+            wait = delay * 2 ** (attempt - 1)
+            log.warning("%s: %s: %s; retry %d of %d in %.1fs", what, type(err).__name__, err, attempt,
+                        attempts - 1, wait)
+            time.sleep(wait)
     raise AssertionError("unreachable")
 
 
 # --- files -----------------------------------------------------------------------------------------
 
-def _atomic_copy(src: Path, dst: Path) -> None:
+@contextmanager
+def _atomic_write(dst: Path) -> Iterator[IO[bytes]]:
+    """A file written under a temporary name and renamed into place; removed if writing fails.
+
+    An OSError without a file name (a full disk's ENOSPC comes from write(), which names none) is
+    raised again naming `dst`, with the same errno and type.
+    """
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".part")
     try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
-            shutil.copyfileobj(inp, out, 1 << 20)
+        with os.fdopen(fd, "wb") as out:
+            yield out
         os.replace(tmp, dst)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.filename is None and err.errno is not None:
+            raise OSError(err.errno, err.strerror, str(dst)) from err
         raise
+
+
+def _atomic_copy(src: Path, dst: Path) -> None:
+    with _atomic_write(dst) as out, open(src, "rb") as inp:
+        shutil.copyfileobj(inp, out, 1 << 20)
 
 
 def put_file(local: str | os.PathLike[str], uri: str) -> None:
@@ -202,12 +222,8 @@ def write_bytes(uri: str, data: bytes) -> None:
         _with_retries(f"put {uri}", lambda: s3_client().put_object(
             loc.bucket, loc.key, io.BytesIO(data), len(data)))
         return
-    dst = Path(uri)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".part")
-    with os.fdopen(fd, "wb") as out:
+    with _atomic_write(Path(uri)) as out:
         out.write(data)
-    os.replace(tmp, dst)
 
 
 def read_bytes(uri: str) -> bytes:

@@ -9,6 +9,10 @@
 Every pipeline step runs in its own process (a KFP pod), so the parent run is found again by its
 `onevision.pipeline_run_id` tag rather than passed around as a live object; `ensure_pipeline_run` is
 idempotent, and a resumed pipeline run logs into the same parent.
+
+A step checks that the tracking server answers before it opens a run (`check_server`): MLflow's own
+client retries an unreachable server for minutes (7 retries, backoff factor 2, 120 s timeouts), so
+without the check a step whose server is down would hang, then fail after work it cannot record.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +37,44 @@ TAG_GIT_COMMIT = "onevision.git_commit"
 TAG_DATA_MANIFEST = "onevision.data_manifest_hash"
 TAG_STEP = "onevision.step"
 MAX_PARAM_VALUE = 6000  # MLflow's limit on one param value
+
+
+class TrackingError(RuntimeError):
+    """The MLflow tracking server cannot be used; the message names its URI."""
+
+
+def check_server(uri: str | None = None, timeout: float | None = None) -> None:
+    """Fail within `timeout` seconds (ONEVISION_MLFLOW_CHECK_TIMEOUT, default 5) unless the tracking
+    server answers its /health route. Non-HTTP tracking URIs (a local folder, sqlite) pass unchecked.
+
+    A refused connection is tried again until the deadline (a server restarting for a moment passes);
+    any HTTP answer below 500 counts as reachable (a 401/403 from an auth proxy is a live server).
+    """
+    if uri is None:
+        import mlflow
+
+        uri = mlflow.get_tracking_uri()  # what the client will use: env or mlflow.set_tracking_uri
+    if not uri or not uri.startswith(("http://", "https://")):
+        return
+    budget = float(timeout if timeout is not None else os.environ.get("ONEVISION_MLFLOW_CHECK_TIMEOUT", "5"))
+    deadline = time.monotonic() + budget
+    url = f"{uri.rstrip('/')}/health"
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            with urllib.request.urlopen(url, timeout=max(left, 0.1)):
+                return
+        except urllib.error.HTTPError as err:
+            if err.code < 500:
+                return
+            cause: Exception = err
+        except (OSError, ValueError) as err:  # refused, reset, timed out, bad URL
+            cause = err
+        if time.monotonic() + 0.5 >= deadline:
+            raise TrackingError(
+                f"MLflow tracking server {uri} is not reachable ({type(cause).__name__}: {cause}; "
+                f"gave up after {budget:.0f}s): start it (`onevision stack up`) or fix MLFLOW_TRACKING_URI")
+        time.sleep(0.5)
 
 
 def flatten_params(tree: Any, prefix: str = "") -> dict[str, str]:
@@ -82,6 +127,7 @@ def ensure_pipeline_run(recipe: Recipe, pipeline_run_id: str) -> str:
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    check_server()
     client = MlflowClient()
     experiment = mlflow.set_experiment(experiment_name(recipe))
     found = client.search_runs(
@@ -104,10 +150,12 @@ def step_run(step: str, parent_run_id: str, params: dict[str, Any] | None = None
     """A nested MLflow run for one pipeline step, under the pipeline's parent run.
 
     The step run inherits the parent's lineage tags; a failure inside marks the run FAILED.
+    Fails fast (TrackingError) if the tracking server does not answer, before the step does any work.
     """
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    check_server()
     parent = MlflowClient().get_run(parent_run_id)
     inherited = {k: v for k, v in parent.data.tags.items() if k.startswith("onevision.") and k != TAG_STEP}
     with mlflow.start_run(run_name=step, experiment_id=parent.info.experiment_id,

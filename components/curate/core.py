@@ -18,11 +18,13 @@ bytes, sha256), `data_card.json` and `data_card.md`, then the manifest last. Sam
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import itertools
 import json
 import os
 import random
+import shutil
 import tempfile
 import time
 from collections import deque
@@ -40,7 +42,8 @@ from components.curate.sources import (CurationError, MediaMissing, RawRecord, S
 from onevision import storage
 from onevision.recipe import Recipe, load_recipe
 
-__all__ = ["CurationError", "apply_sampling", "curate_stage", "run", "select_indices", "synthetic_world"]
+__all__ = ["CurationError", "DiskFullError", "apply_sampling", "curate_stage", "run", "select_indices",
+           "synthetic_world"]
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -180,6 +183,20 @@ def _deduplicated(checked: Iterator[tuple[tuple[RawRecord, dict], Verdict]], cou
         yield record, media
 
 
+class DiskFullError(OSError):
+    """Curation ran out of disk (ENOSPC/EDQUOT); the message names the path, and nothing was published."""
+
+
+def _withdraw(staging: Path, out: str) -> None:
+    """Best effort: remove what a failed publish of `staging` may have put under `out` (its manifest is
+    already gone), so that no shard lies there for a reader that does not check manifests."""
+    for path in sorted(p for p in staging.rglob("*") if p.is_file()):
+        try:
+            storage.delete(storage.join(out, path.relative_to(staging).as_posix()))
+        except (OSError, storage.StorageError):
+            pass
+
+
 def _shard_table(staging: Path) -> list[dict[str, Any]]:
     import tarfile
 
@@ -207,21 +224,35 @@ def curate_stage(recipe: Recipe, stage_name: str, out: str, work_dir: str | None
     started = time.perf_counter()
     from model.shards import write_shards  # here: spawned workers re-import this module, and this pulls torch
 
+    publishing = False
     try:
-        kept = _kept_records(recipe, stage_name, work, workers, stats, quarantine, f"{out.rstrip('/')}-recaption")
-        write_shards(kept, staging, max_per_shard=recipe.curation.shard_max_records,
-                     max_bytes=recipe.curation.shard_max_bytes)
-    finally:
-        quarantine.close()
-    seconds = time.perf_counter() - started
-    card = stats.card(stage_name, recipe.name, recipe.hash(), _shard_table(staging))
-    for source in card["sources"]:  # the invariant the quarantine promises; a bug here must not publish
-        if source["records_in"] != source["kept"] + source["duplicates"] + source["rejected"]:
-            raise RuntimeError(f"curation counts do not reconcile for {source['source']}: {source}")
-    (staging / "curation.json").write_text(json.dumps(card, indent=1, sort_keys=True))
-    (staging / "data_card.json").write_text(json.dumps(card, indent=1, sort_keys=True))
-    (staging / "data_card.md").write_text(render_markdown(card))
-    storage.publish_dir(staging, out, metadata=dict(card["totals"], stage=stage_name))
+        try:
+            kept = _kept_records(recipe, stage_name, work, workers, stats, quarantine, f"{out.rstrip('/')}-recaption")
+            write_shards(kept, staging, max_per_shard=recipe.curation.shard_max_records,
+                         max_bytes=recipe.curation.shard_max_bytes)
+        finally:
+            quarantine.close()
+        seconds = time.perf_counter() - started
+        card = stats.card(stage_name, recipe.name, recipe.hash(), _shard_table(staging))
+        for source in card["sources"]:  # the invariant the quarantine promises; a bug here must not publish
+            if source["records_in"] != source["kept"] + source["duplicates"] + source["rejected"]:
+                raise RuntimeError(f"curation counts do not reconcile for {source['source']}: {source}")
+        (staging / "curation.json").write_text(json.dumps(card, indent=1, sort_keys=True))
+        (staging / "data_card.json").write_text(json.dumps(card, indent=1, sort_keys=True))
+        (staging / "data_card.md").write_text(render_markdown(card))
+        publishing = True
+        storage.publish_dir(staging, out, metadata=dict(card["totals"], stage=stage_name))
+    except BaseException as err:
+        # a failed attempt leaves nothing behind: its staged shards would keep a full disk full for the retry
+        if publishing and isinstance(err, OSError):
+            _withdraw(staging, out)
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = err.filename or staging
+            raise DiskFullError(err.errno, f"curation of {stage_name}: disk full ({err.strerror}) while writing "
+                                           f"{where}; nothing was published at {out}. Free space or point "
+                                           f"work_dir/out at a larger volume, then run again") from err
+        raise
     records_in = card["totals"]["records_in"]
     return {**card, "uri": out, "seconds": seconds, "records_per_s": records_in / seconds if seconds else 0.0,
             "workers": workers, "card_markdown": render_markdown(card)}
