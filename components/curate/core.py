@@ -258,6 +258,18 @@ def curate_stage(recipe: Recipe, stage_name: str, out: str, work_dir: str | None
             "workers": workers, "card_markdown": render_markdown(card)}
 
 
+def published_summary(out_uri: str) -> dict[str, Any] | None:
+    """The summary of shards already published at `out_uri` (read from their data card), else None."""
+    try:
+        storage.read_manifest(out_uri)
+    except storage.ManifestMissingError:
+        return None
+    card = json.loads(storage.read_bytes(storage.join(out_uri, "curation.json")))
+    return {**card, **card["totals"], "uri": out_uri, "seconds": 0.0, "records_per_s": 0.0, "workers": 0,
+            "card_markdown": storage.read_bytes(storage.join(out_uri, "data_card.md")).decode(),
+            "manifest_sha256": storage.manifest_hash(out_uri)}
+
+
 def run(recipe_uri: str, stage: str, out_uri: str, workers: int | None = None,
         mlflow_parent: str | None = None, work_dir: str | None = None) -> dict[str, Any]:
     """The pipeline step: curate `stage` of the recipe at `recipe_uri` (path or s3://) into `out_uri`.
@@ -266,6 +278,9 @@ def run(recipe_uri: str, stage: str, out_uri: str, workers: int | None = None,
     `curate_<stage>` under that pipeline run.
     """
     recipe = load_recipe(recipe_uri)
+    published = published_summary(out_uri)
+    if published is not None:  # a resumed or retried run: the shards stand, nothing is curated twice
+        return published
     if not mlflow_parent:
         summary = curate_stage(recipe, stage, out_uri, work_dir, workers)
     else:

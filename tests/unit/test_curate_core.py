@@ -322,3 +322,27 @@ def test_videos_are_decoded_and_a_broken_one_is_quarantined(tmp_path: Path, tiny
     summary = curate_stage(recipe, "stage2_ov", str(tmp_path / "out"), work_dir=str(tmp_path / "work"))
     assert (summary["totals"]["kept"], summary["sources"][0]["reasons"]) == (1, {"video_unreadable": 1})
     assert _quarantine(tmp_path / "out")[0]["id"] == "broken-video"
+
+
+def test_a_published_stage_is_not_curated_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resumed or retried pipeline step returns the published summary; only an unpublished prefix curates."""
+    import components.curate.core as core
+    from onevision import storage
+
+    card = {"totals": {"records_in": 5, "kept": 4, "duplicates": 0, "rejected": 1}, "stage": "stage1"}
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    (staged / "curation.json").write_text(json.dumps(card))
+    (staged / "data_card.md").write_text("# card\n")
+    out = tmp_path / "out"
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("curated again")
+
+    monkeypatch.setattr(core, "curate_stage", must_not_run)
+    with pytest.raises(AssertionError, match="curated again"):  # not published yet: it curates
+        core.run(str(Path(__file__).resolve().parents[2] / "recipes/tiny.yaml"), "stage1", str(out))
+    storage.publish_dir(staged, str(out), metadata=card["totals"])
+    summary = core.run(str(Path(__file__).resolve().parents[2] / "recipes/tiny.yaml"), "stage1", str(out))
+    assert summary["kept"] == 4 and summary["card_markdown"] == "# card\n"
+    assert summary["manifest_sha256"] == storage.manifest_hash(str(out))
