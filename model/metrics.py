@@ -185,9 +185,14 @@ class CheckpointPublisher(TrainerCallback):
 
     def _rotate(self) -> None:
         prefix = storage.join(self.out, "checkpoints")
-        names = {u[len(prefix):].strip("/").split("/")[0] for u in storage.list_uris(prefix)}
+        relative = [u[len(prefix):].strip("/") for u in storage.list_uris(prefix)]
+        names = {r.split("/")[0] for r in relative}
         steps = sorted(int(n.split("-", 1)[1]) for n in names if n.startswith("checkpoint-") and n[11:].isdigit())
-        for step in steps[: -self.keep]:
+        complete = [s for s in steps if f"checkpoint-{s}/{storage.MANIFEST_NAME}" in relative]
+        # keep the newest `keep` complete ones; a torn upload older than the newest complete one is debris,
+        # and it must never count among the kept (it would push a complete checkpoint out)
+        doomed = complete[: -self.keep] + [s for s in steps if s not in complete and complete and s < complete[-1]]
+        for step in sorted(doomed):
             old = storage.join(prefix, f"checkpoint-{step}")
             storage.delete(storage.join(old, storage.MANIFEST_NAME))  # unpublish first, then remove
             for uri in storage.list_uris(old):

@@ -41,6 +41,9 @@ STEP_POLICY = {"preflight": (600, 0), "curate": (12 * 3600, 1), "train": (7 * 24
 S3_SECRET_KEYS = {"accesskey": "AWS_ACCESS_KEY_ID", "secretkey": "AWS_SECRET_ACCESS_KEY"}  # infra/platform/base
 ENDPOINTS_CONFIGMAP = "onevision-endpoints"
 ENDPOINT_KEYS = {"s3_endpoint": "AWS_ENDPOINT_URL", "mlflow_tracking_uri": "MLFLOW_TRACKING_URI"}
+# MLflow's client retries a dead server for minutes by default; a step should fail in about a minute and
+# let the step's own retry policy decide (preflight and steps check /health first anyway)
+MLFLOW_CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 GITOPS_SECRET = "onevision-gitops"  # key .git-credentials (git's credential store format)
 GITOPS_MOUNT = "/var/run/secrets/onevision/gitops"
 
@@ -82,6 +85,8 @@ def _place(task: dsl.PipelineTask, step: str, recipe: Recipe, params: dict[str, 
         kubernetes.add_toleration_json(task, params["gpu_tolerations"])
     kubernetes.use_secret_as_env(task, recipe.cluster.s3_secret, S3_SECRET_KEYS)
     kubernetes.use_config_map_as_env(task, ENDPOINTS_CONFIGMAP, ENDPOINT_KEYS)
+    for name, value in MLFLOW_CLIENT_ENV.items():
+        task.set_env_variable(name, value)
     timeout_s, retries = STEP_POLICY[policy]
     kubernetes.set_timeout(task, timeout_s)
     if retries:
