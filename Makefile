@@ -1,6 +1,7 @@
 # make run   set up .venv, bring up the local stack (S3 + MLflow on 127.0.0.1), run the pipeline DAG (kfp.local) on recipes/tiny.yaml
 # make test  set up .venv, run the whole suite: unit, integration (real local services), e2e
 # make fast  unit tests only (no services): quick feedback while editing
+# make bench run every benchmark (each in its own process), write benchmarks/results/<date>.md/.json/.png (< 20 min)
 # make lock  re-freeze constraints.txt from the current .venv after changing a pin in pyproject.toml
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -12,7 +13,7 @@ export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: run test fast lock stack-down clean
+.PHONY: run test fast bench lock stack-down clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +31,9 @@ test: $(STAMP)
 
 fast: $(STAMP)
 	$(BIN)/python -m pytest tests -m "not integration and not e2e"
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run_all
 
 lock:
 	$(BIN)/python -m pip freeze --exclude-editable | grep -v onevision > constraints.txt.new

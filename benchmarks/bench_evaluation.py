@@ -86,15 +86,9 @@ def differing(base: dict[str, dict[int, Any]], other: dict[str, dict[int, Any]])
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="HF checkpoint folder (or s3://); default: random tiny model")
-    parser.add_argument("--limit", type=int, default=32, help="samples per task")
-    parser.add_argument("--batch-sizes", default="1,4,16")
-    parser.add_argument("--repeats", type=int, default=1, help="best of N for each run")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/evaluation.json"))
-    parser.add_argument("--keep", action="store_true", help="keep the work folder (lmms-eval outputs)")
-    args = parser.parse_args()
+def measure(model: str | None = None, limit: int = 32, batch_sizes: str = "1,4,16", repeats: int = 1,
+            keep: bool = False) -> dict[str, Any]:
+    """Every batch size at limit 1 and `limit`; the raw result (what results/evaluation.json holds)."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     began = time.perf_counter()
 
@@ -102,34 +96,34 @@ def main() -> None:
     frames = [spec.video_frames for _, spec in recipe.stages.enabled() if spec.video_frames]
     video_frames, seed = (frames[-1] if frames else 8), recipe.training.seed
     work = Path(tempfile.mkdtemp(prefix="bench-evaluation-"))
-    if args.model:
+    if model:
         from model.builder import resolve_source
 
-        model_dir = resolve_source(args.model)
+        model_dir = resolve_source(model)
     else:
         model_dir = tiny_model(work / "tiny-model")
-    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    sizes = [int(b) for b in batch_sizes.split(",")]
     if BASELINE not in sizes:
         sizes.insert(0, BASELINE)
 
     runs: dict[tuple[int, int], dict[str, Any]] = {}
     log = []
     load_before = os.getloadavg()
-    for repeat in range(args.repeats):  # interleaved; a batch size's two runs back to back (same load)
+    for repeat in range(repeats):  # interleaved; a batch size's two runs back to back (same load)
         for batch_size in sizes:
-            for limit in (1, args.limit):
-                got = evaluate(model_dir, batch_size, limit, work, f"b{batch_size}-l{limit}-r{repeat}", video_frames, seed)
-                print(f"batch {batch_size:>2}, limit {limit:>3}: {got['samples']} samples, lmms-eval "
+            for lim in (1, limit):
+                got = evaluate(model_dir, batch_size, lim, work, f"b{batch_size}-l{lim}-r{repeat}", video_frames, seed)
+                print(f"batch {batch_size:>2}, limit {lim:>3}: {got['samples']} samples, lmms-eval "
                       f"{got['eval_s']:.1f} s, wall {got['wall_s']:.1f} s", flush=True)
-                log.append({"batch_size": batch_size, "limit": limit, "samples": got["samples"],
+                log.append({"batch_size": batch_size, "limit": lim, "samples": got["samples"],
                             "eval_s": round(got["eval_s"], 2), "wall_s": round(got["wall_s"], 2)})
-                best = runs.get((batch_size, limit))
+                best = runs.get((batch_size, lim))
                 if best is None or got["eval_s"] < best["eval_s"]:
-                    runs[(batch_size, limit)] = got
+                    runs[(batch_size, lim)] = got
 
     per_batch: dict[str, Any] = {}
     for batch_size in sizes:
-        small, full = runs[(batch_size, 1)], runs[(batch_size, args.limit)]
+        small, full = runs[(batch_size, 1)], runs[(batch_size, limit)]
         n = full["samples"] - small["samples"]
         per_batch[f"batch_{batch_size}"] = {
             "s_per_sample": round((full["eval_s"] - small["eval_s"]) / n, 4),
@@ -138,12 +132,12 @@ def main() -> None:
             "naive_eval_s_per_sample": round(full["eval_s"] / full["samples"], 4),  # start-up included
             "scores": full["scores"],
         }
-    base_answers = runs[(BASELINE, args.limit)]["answers"]
+    base_answers = runs[(BASELINE, limit)]["answers"]
     base = per_batch[f"batch_{BASELINE}"]
     result = {
         "benchmark": "lmms-eval seconds/sample vs batch size", "baseline": "batch size 1 (the paper's protocol)",
-        "model": args.model or "random tiny (recipes/tiny.yaml, build_tiny)", "tasks": list(TASKS),
-        "limit_per_task": args.limit, "video_frames": video_frames, "max_new_tokens": 16, "repeats": args.repeats,
+        "model": model or "random tiny (recipes/tiny.yaml, build_tiny)", "tasks": list(TASKS),
+        "limit_per_task": limit, "video_frames": video_frames, "max_new_tokens": 16, "repeats": repeats,
         "timing": "marginal s/sample: (total_evaluation_time_seconds at --limit minus at limit 1) / extra samples",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
@@ -156,7 +150,7 @@ def main() -> None:
     for batch_size in sizes:
         if batch_size == BASELINE:
             continue
-        diff = differing(base_answers, runs[(batch_size, args.limit)]["answers"])
+        diff = differing(base_answers, runs[(batch_size, limit)]["answers"])
         result["differing_answers_vs_batch_1"][f"batch_{batch_size}"] = len(diff)
         if diff:
             result["differing_examples"][f"batch_{batch_size}"] = diff[:5]
@@ -164,13 +158,50 @@ def main() -> None:
     result["runs"] = log
     result["load_average_1min"] = {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)}
     result["bench_wall_s"] = round(time.perf_counter() - began, 1)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
-    print(json.dumps(result, indent=1, ensure_ascii=False))
-    if not args.keep:
+    if not keep:
         shutil.rmtree(work, ignore_errors=True)
     else:
         print(f"work folder: {work}")
+    return result
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    """The common benchmark protocol (benchmarks/README.md)."""
+    raw = measure(limit=8 if quick else 32, batch_sizes="1,16" if quick else "1,4,16")
+    per = raw["per_batch_size"]
+    base = per[f"batch_{BASELINE}"]
+    rows = []
+    for key, value in per.items():
+        if key == f"batch_{BASELINE}":
+            continue
+        rows.append({"label": key.replace("_", " "), "ours": value["s_per_sample"], "baseline": base["s_per_sample"],
+                     "notes": f"{raw['differing_answers_vs_batch_1'][key]} of {raw['compared_answers']} greedy answers "
+                              f"differ from batch 1; {value['samples']} samples, load {raw['load_average_1min']['before']}"})
+    sizes = [int(k.split("_")[1]) for k in per]
+    return {"name": "evaluation", "title": "evaluation",
+            "measures": f"lmms-eval seconds/sample (marginal: limit {raw['limit_per_task']} minus limit 1), 4 offline "
+                        "shapes tasks, random tiny model, 16 new tokens",
+            "baseline": "lmms-eval at batch size 1 (the paper's protocol)",
+            "metric": "s/sample", "higher_is_better": False, "rows": rows,
+            "series": {"seconds_per_sample": {"kind": "line", "title": "lmms-eval marginal seconds/sample",
+                                              "xlabel": "batch size", "ylabel": "s/sample", "x": sizes, "log_x": True,
+                                              "lines": {"seconds/sample": [v["s_per_sample"] for v in per.values()]}}},
+            "details": raw}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="HF checkpoint folder (or s3://); default: random tiny model")
+    parser.add_argument("--limit", type=int, default=32, help="samples per task")
+    parser.add_argument("--batch-sizes", default="1,4,16")
+    parser.add_argument("--repeats", type=int, default=1, help="best of N for each run")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/evaluation.json"))
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (lmms-eval outputs)")
+    args = parser.parse_args()
+    result = measure(args.model, args.limit, args.batch_sizes, args.repeats, args.keep)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    print(json.dumps(result, indent=1, ensure_ascii=False))
 
 
 if __name__ == "__main__":
