@@ -28,10 +28,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -54,25 +52,6 @@ SETTINGS = {  # full: the recipe's DAG, 4 steps of batch 32 per stage, 400 recor
     False: {"steps": 4, "batch": 32, "after_stages": ["stage2_si", "stage2_ov"], "tasks": list(TASKS), "limit": 8,
             "n": 400},
 }
-
-
-def free_port_block(size: int) -> int:
-    """A base port such that base..base+size-1 are free on 127.0.0.1 (as tests/conftest.py)."""
-    for _ in range(200):
-        base = random.randrange(20000, 40000)
-        sockets = []
-        try:
-            for port in range(base, base + size):
-                sock = socket.socket()
-                sockets.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in sockets:
-                sock.close()
-    raise RuntimeError(f"no block of {size} free ports found")
 
 
 def write_variant(path: Path, quick: bool) -> Path:
@@ -217,7 +196,7 @@ def measure(quick: bool) -> dict[str, Any]:
     began = time.perf_counter()
     # SIGTERM (run_all's timeout) unwinds like an exception, so the stack below is stopped, not orphaned
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    info = stack.stack_up(state, s3_port=free_port_block(10), mlflow_port=free_port_block(1))
+    info = stack.stack_up(state, s3_port=stack.free_port_block(10), mlflow_port=stack.free_port_block(1))
     try:
         os.environ.update(info.env())
         gitops = work / "gitops.git"

@@ -43,8 +43,9 @@ def request_body(i: int) -> dict:
             "max_tokens": 16, "temperature": 0}
 
 
-async def drive(engine: Engine, concurrency: int, total: int) -> tuple[float, list[float]]:
-    bodies = [request_body(i) for i in range(total)]
+async def drive(engine: Engine, bodies: list[dict], concurrency: int) -> tuple[float, list[float]]:
+    """Send every body through engine.submit from `concurrency` clients; (requests/s, latencies)."""
+    total = len(bodies)
     latencies: list[float] = []
     queue = list(range(total))
 
@@ -68,13 +69,13 @@ def measure(requests: int = 48, repeats: int = 2) -> dict:
     model, processor = build_tiny(load_recipe(ROOT / "recipes/tiny.yaml"))
     engines = {"one_at_a_time": Engine(model, processor, max_batch_size=1, max_wait_ms=0),
                "dynamic_batching": Engine(model, processor, max_batch_size=16, max_wait_ms=10)}
-    asyncio.run(drive(engines["dynamic_batching"], 2, 4))  # warm-up
+    asyncio.run(drive(engines["dynamic_batching"], [request_body(i) for i in range(4)], 2))  # warm-up
     rows = {}
     for concurrency in CONCURRENCY:
         best: dict[str, tuple[float, list[float]]] = {}
         for _ in range(repeats):
             for name, engine in engines.items():
-                rate, latencies = asyncio.run(drive(engine, concurrency, requests))
+                rate, latencies = asyncio.run(drive(engine, [request_body(i) for i in range(requests)], concurrency))
                 if name not in best or rate > best[name][0]:
                     best[name] = (rate, latencies)
         rows[f"concurrency_{concurrency}"] = {

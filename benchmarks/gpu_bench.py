@@ -45,6 +45,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+if __package__ in (None, ""):  # `python benchmarks/gpu_bench.py`: the repo root holds `benchmarks`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 ROOT = Path(__file__).resolve().parents[1]
 NO_GPU = ("gpu_bench: no CUDA device found (no NVIDIA driver, or torch.cuda.is_available() is False). It needs one "
           "GPU; run it on a GPU node, or use --cpu-smoke to check the code path on a CPU.")
@@ -251,29 +254,12 @@ def request_body(i: int, px: int, max_tokens: int) -> dict:
             "max_tokens": max_tokens, "temperature": 0}
 
 
-async def drive(engine: Any, bodies: list[dict], concurrency: int) -> tuple[float, list[float]]:
-    from serving.requests import parse_chat_request
-
-    latencies: list[float] = []
-    queue = list(range(len(bodies)))
-
-    async def client() -> None:
-        while queue:
-            i = queue.pop()
-            start = time.perf_counter()
-            await engine.submit(parse_chat_request(bodies[i], engine.limits))
-            latencies.append(time.perf_counter() - start)
-
-    start = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(concurrency)))
-    return len(bodies) / (time.perf_counter() - start), latencies
-
-
 def bench_serving(args: argparse.Namespace, device: Any, settings: dict) -> dict[str, Any]:
     import torch
 
     from model.builder import configure_stage, make_processor, tiny_corpus, train_tiny_tokenizer
     from model.chat import IMAGE_TOKEN, VIDEO_TOKEN
+    from benchmarks.bench_serving import drive  # the same clients as the CPU serving benchmark
     from serving.engine import Engine
 
     recipe, stage = stage_of("0.5b", "stage2_ov")

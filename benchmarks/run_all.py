@@ -52,7 +52,7 @@ BENCHMARKS: list[dict[str, Any]] = [
      "baseline": "the same component cores called directly in one process", "gpu": False, "timeout": 1200},
     {"name": "gpu", "module": "benchmarks.gpu_bench", "title": "GPU training + serving",
      "measures": "training tokens/s and MFU (0.5B- and 7B-shaped), serving requests/s on one GPU "
-                 "(gpu_bench.py; gpu_train_mfu.py is its 0.5B-only predecessor)",
+                 "(gpu_bench.py)",
      "baseline": "measured bf16 matmul FLOP/s; serving at batch 1", "gpu": True, "timeout": 600},
 ]
 

@@ -80,6 +80,27 @@ def _port_free(port: int) -> bool:
             return False
 
 
+def free_port_block(size: int) -> int:
+    """A base port such that base..base+size-1 are all free on 127.0.0.1 (SeaweedFS takes 10 in a row)."""
+    import random
+
+    for _ in range(200):
+        base = random.randrange(20000, 40000)
+        sockets = []
+        try:
+            for port in range(base, base + size):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError(f"no block of {size} free ports found")
+
+
 def _alive(pid: int, marker: str) -> bool:
     """True if pid runs and its command line contains marker (so a recycled pid is never ours)."""
     try:

@@ -7,12 +7,12 @@
 from __future__ import annotations
 
 import os
-import random
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from onevision.stack import free_port_block  # noqa: F401 - tests import it from here
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -28,25 +28,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         parts = Path(str(item.fspath)).relative_to(ROOT / "tests").parts
         if parts[0] in ("integration", "e2e"):
             item.add_marker(getattr(pytest.mark, parts[0]))
-
-
-def free_port_block(size: int) -> int:
-    """A base port such that base..base+size-1 are all free on 127.0.0.1."""
-    for _ in range(200):
-        base = random.randrange(20000, 40000)
-        sockets = []
-        try:
-            for port in range(base, base + size):
-                sock = socket.socket()
-                sockets.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in sockets:
-                sock.close()
-    raise RuntimeError(f"no block of {size} free ports found")
 
 
 @pytest.fixture(scope="session")
