@@ -67,9 +67,14 @@ def write_shards(samples: Iterable[tuple[dict[str, Any], Mapping[str, bytes]]], 
 
 
 def open_shards(uri: str, cache_dir: str | Path | None = None) -> list[Path]:
-    """Local tar paths for a shard prefix: as is if local, else downloaded and sha256-verified."""
+    """Local tar paths of a *published* shard prefix: in place if local, else downloaded and sha256-verified.
+    Only the manifest's shards count: a folder a failed publish left behind is refused, not half read."""
     if not storage.is_s3(uri):
-        shards = sorted(Path(uri).glob("*.tar"))
+        try:
+            listed = storage.read_manifest(uri)["files"]
+        except storage.ManifestMissingError as err:
+            raise FileNotFoundError(f"{uri}: no published shards ({err})") from None
+        shards = sorted(Path(uri) / name for name in listed if name.endswith(".tar"))
     else:
         import tempfile
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import tarfile
 from pathlib import Path
 
+import pytest
 import torch
 
 from model.processing import SampleProcessor
 from model.shards import ShardDataset, open_shards, write_shards
+from onevision import storage
 
 
 def _records(media_dir: Path):
@@ -32,7 +34,10 @@ def test_shards_round_trip_to_the_same_model_inputs(tiny, media_dir: Path, tmp_p
     assert all(name.count(".") >= 1 and "/" not in name.split(".")[0] for name in names)
 
     sp = SampleProcessor(processor, "qwen_1_5", 4096, video_frames=4, media_root=media_dir)
-    dataset = ShardDataset(open_shards(str(tmp_path / "shards")), sp)
+    with pytest.raises(FileNotFoundError, match="no published shards"):  # written, not yet published
+        open_shards(str(tmp_path / "shards"))
+    storage.publish_dir(tmp_path / "shards", tmp_path / "published")
+    dataset = ShardDataset(open_shards(str(tmp_path / "published")), sp)
     assert len(dataset) == 8
     originals = {r["id"]: r for r, _ in _records(media_dir)}
     for index in (7, 0, 5, 6):  # random access, any order
