@@ -75,9 +75,14 @@ def _stack(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from pipelines.local import PipelineFailed, print_summary, run_local
 
+    from onevision.recipe import RecipeError
+
     try:
         summary = run_local(args.recipe_option or args.recipe, state_dir=args.state_dir, run_id=args.run_id,
                             gitops_repo=args.gitops_repo)
+    except RecipeError as err:  # before anything starts: the offending field named
+        print(f"run: {err}", file=sys.stderr)
+        return 1
     except PipelineFailed as err:
         print(f"\nrun FAILED: {err}", file=sys.stderr)
         return 1
@@ -89,7 +94,11 @@ def _run(args: argparse.Namespace) -> int:
 def _compile(args: argparse.Namespace) -> int:
     from pipelines.compile import compile_pipeline, compile_presets
 
-    written = compile_presets() if args.all else [compile_pipeline(args.recipe, args.output)]
+    try:  # RecipeError is a ValueError; so is a recipe outside the repository
+        written = compile_presets() if args.all else [compile_pipeline(args.recipe, args.output)]
+    except ValueError as err:
+        print(f"compile: {err}", file=sys.stderr)
+        return 1
     for path in written:
         print(f"compiled {path}")
     return 0
@@ -121,9 +130,9 @@ def _submit(args: argparse.Namespace) -> int:
     from pipelines.submit import SubmitError, pipeline_parameters, submit_pipeline
 
     with tempfile.TemporaryDirectory() as tmp:
-        package = compile_pipeline(args.recipe, Path(tmp) / "pipeline.yaml")
-        name = next(yaml.safe_load_all(package.read_text()))["pipelineInfo"]["name"]  # doc 2: the platform spec
         try:
+            package = compile_pipeline(args.recipe, Path(tmp) / "pipeline.yaml")
+            name = next(yaml.safe_load_all(package.read_text()))["pipelineInfo"]["name"]  # doc 2: the platform spec
             params = _typed_params(args.param, pipeline_parameters(str(package)))
             result = submit_pipeline(args.host, str(package), name, experiment=args.experiment,
                                      run_name=args.run_name, params=params, token=args.token, namespace=args.namespace)

@@ -177,3 +177,16 @@ def test_the_cluster_provides_what_the_steps_reference() -> None:
     assert any("trainjobs" in rule["resources"] and "create" in rule["verbs"] for rule in role["rules"])
     assert set(S3_SECRET_KEYS) <= set((base / "kustomization.yaml").read_text().split("keys:")[1].split("(")[0]
                                       .replace(",", " ").split())
+
+
+def test_compile_cli_names_a_bad_recipe(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from onevision.cli import main
+
+    broken = Path(__file__).resolve().parents[2] / "recipes" / "tiny.yaml"
+    outside = tmp_path / "tiny.yaml"
+    outside.write_text(broken.read_text().replace("lr: 1.0e-3", "lr: -1", 1))
+    assert main(["compile", "--recipe", str(outside), "-o", str(tmp_path / "x.yaml")]) == 1
+    assert "stages.stage1.lr" in capsys.readouterr().err and not (tmp_path / "x.yaml").exists()
+    outside.write_text(broken.read_text())  # valid, but not in the repository: the image cannot carry it
+    assert main(["compile", "--recipe", str(outside), "-o", str(tmp_path / "x.yaml")]) == 1
+    assert "upload one to S3" in capsys.readouterr().err
