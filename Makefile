@@ -16,6 +16,8 @@ export TOKENIZERS_PARALLELISM ?= false
 .PHONY: run test fast bench lock stack-down clean
 
 $(STAMP): pyproject.toml constraints.txt
+	@free_kb=$$(df -Pk . | awk 'NR==2 {print $$4}'); [ "$$free_kb" -ge 9000000 ] || \
+	  echo "warning: $$((free_kb / 1048576)) GiB free here; the environment needs about 8 GiB (torch's CUDA build)" >&2
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade "pip>=25"
 	# torch is named in the same command as everything that depends on it (see ../shared/STACK_NOTES.md)

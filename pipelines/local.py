@@ -58,6 +58,7 @@ def run_summary(recipe_path: str, run_uri: str, run_id: str, mlflow_ui: str) -> 
     client = MlflowClient()
     versions = [v for v in client.search_model_versions(f"name = '{recipe.registered_model_name}'", max_results=1000)
                 if v.tags.get(tracking.TAG_PIPELINE_RUN) == run_id]
+    # aliases are read from the version itself: the search API's entities may leave them out
     registered = {"name": versions[0].name, "version": versions[0].version,
                   "aliases": sorted(client.get_model_version(versions[0].name, versions[0].version).aliases)} \
         if versions else None

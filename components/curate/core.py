@@ -142,7 +142,8 @@ def _kept_records(recipe: Recipe, stage_name: str, work: Path, workers: int, sta
         counts = SourceStats(source.name, entry.sampling_strategy, available)
         stats.sources.append(counts)
 
-        def items(source: Source = source, counts: SourceStats = counts) -> Iterator[tuple[RawRecord, dict]]:
+        def items(source: Source = source, counts: SourceStats = counts,
+                  selected: Callable[[int], bool] = selected) -> Iterator[tuple[RawRecord, dict]]:
             for raw in source.records():
                 if not selected(raw.index):
                     continue

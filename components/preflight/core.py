@@ -21,8 +21,6 @@ import json
 import os
 import sys
 import tempfile
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -100,11 +98,9 @@ def check_mlflow(recipe: Recipe, timeout_s: float = 5.0) -> list[str]:
     if not uri.startswith(("http://", "https://")):
         return [f"mlflow: MLFLOW_TRACKING_URI must name the tracking server (got {uri!r})"]
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as reply:
-            if reply.status != 200:
-                return [f"mlflow: {uri}/health answered {reply.status}"]
-    except (urllib.error.URLError, OSError) as err:
-        return [f"mlflow: tracking server {uri} is unreachable ({err})"]
+        tracking.check_server(uri, timeout=timeout_s)
+    except tracking.TrackingError as err:
+        return [f"mlflow: {err}"]
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()

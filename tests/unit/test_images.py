@@ -10,7 +10,6 @@ whose tag is the project version, and every file in the repository that spells a
 
 from __future__ import annotations
 
-import fnmatch
 import re
 import shlex
 import subprocess
