@@ -29,7 +29,7 @@ run: $(STAMP)
 	$(BIN)/onevision run --recipe $(RECIPE)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests --durations=15
 
 fast: $(STAMP)
 	$(BIN)/python -m pytest tests -m "not integration and not e2e"
