@@ -40,8 +40,9 @@ from typing import Any
 
 import yaml
 
+from onevision.recipe import STAGE_NAMES
+
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("stage1", "stage1_5", "stage2_si", "stage2_ov")
 TASKS = ("shapes_color", "shapes_mc", "shapes_multi_image", "shapes_video")
 # step kind -> (DAG component name prefix, label)
 KINDS = {"preflight": "preflight", "curate": "curate", "train-stage": "train", "evaluate": "evaluate",
@@ -74,8 +75,8 @@ def write_variant(path: Path, quick: bool) -> Path:
 def pipeline_params(quick: bool) -> dict[str, Any]:
     """The DAG's own parameters cap the training (the direct run gets the same values)."""
     s = SETTINGS[quick]
-    return {**{f"{stage}_max_steps": s["steps"] for stage in STAGES},
-            **{f"{stage}_global_batch_size": s["batch"] for stage in STAGES}}
+    return {**{f"{stage}_max_steps": s["steps"] for stage in STAGE_NAMES},
+            **{f"{stage}_global_batch_size": s["batch"] for stage in STAGE_NAMES}}
 
 
 class TaskClock:
@@ -156,7 +157,7 @@ def run_direct(recipe_path: Path, run_id: str, gitops: str, params: dict[str, An
     pre = step("preflight", preflight, str(recipe_path), RUNS_ROOT, run_id, _overrides(values, recipe))
     run_uri, pinned, parent = pre["run_uri"], pre["recipe_uri"], pre["mlflow_parent"]
     init, data_uris, checkpoints, verdict = "", {}, {}, None
-    for stage in STAGES:
+    for stage in STAGE_NAMES:
         cur = step("curate", curate, pinned, stage, f"{run_uri}/curate/{stage}",
                    workers=values["curate_workers"] or None, mlflow_parent=parent, work_dir="")
         trained = step("train", train, pinned, stage, cur["uri"], f"{run_uri}/{stage}", init or None, parent,

@@ -48,6 +48,8 @@ from typing import Any
 if __package__ in (None, ""):  # `python benchmarks/gpu_bench.py`: the repo root holds `benchmarks`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from onevision.recipe import STAGE_NAMES  # noqa: E402 (after the path fix above)
+
 ROOT = Path(__file__).resolve().parents[1]
 NO_GPU = ("gpu_bench: no CUDA device found (no NVIDIA driver, or torch.cuda.is_available() is False). It needs one "
           "GPU; run it on a GPU node, or use --cpu-smoke to check the code path on a CPU.")
@@ -257,9 +259,9 @@ def request_body(i: int, px: int, max_tokens: int) -> dict:
 def bench_serving(args: argparse.Namespace, device: Any, settings: dict) -> dict[str, Any]:
     import torch
 
+    from benchmarks.bench_serving import drive  # the same clients as the CPU serving benchmark
     from model.builder import configure_stage, make_processor, tiny_corpus, train_tiny_tokenizer
     from model.chat import IMAGE_TOKEN, VIDEO_TOKEN
-    from benchmarks.bench_serving import drive  # the same clients as the CPU serving benchmark
     from serving.engine import Engine
 
     recipe, stage = stage_of("0.5b", "stage2_ov")
@@ -359,7 +361,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="fewer steps and requests")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU: check the code path")
     parser.add_argument("--shapes", nargs="+", default=["0.5b", "7b"], choices=list(SHAPES))
-    parser.add_argument("--stage", default="stage2_ov", choices=["stage1", "stage1_5", "stage2_si", "stage2_ov"],
+    parser.add_argument("--stage", default="stage2_ov", choices=STAGE_NAMES,
                         help="whose batch, visual-token budget and grid are used")
     parser.add_argument("--layers-7b", type=int, default=8, help="LLM layers of the 7B shape (full: 28)")
     parser.add_argument("--batch", type=int, default=0, help="samples per step (0: the stage's per_device_batch_size)")

@@ -36,7 +36,7 @@ from model.builder import build_model_and_processor, configure_stage
 from model.processing import SampleProcessor
 from model.shards import ShardDataset, open_shards
 from onevision import storage, tracking
-from onevision.recipe import Recipe, StageSpec, load_recipe
+from onevision.recipe import STAGE_NAMES, Recipe, StageSpec, load_recipe
 
 EXIT_USAGE, EXIT_FAILED = 2, 3
 
@@ -414,7 +414,7 @@ def single_process_env() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", required=True, help="recipe YAML")
-    parser.add_argument("--stage", required=True, choices=["stage1", "stage1_5", "stage2_si", "stage2_ov"])
+    parser.add_argument("--stage", required=True, choices=STAGE_NAMES)
     parser.add_argument("--data", required=True, help="the stage's curated shards: local dir or s3:// prefix")
     parser.add_argument("--out", required=True, help="stage output: checkpoints/ and hf/ go below it")
     parser.add_argument("--init", default=None, help="HF folder to start from (the previous stage's <out>/hf)")

@@ -27,9 +27,8 @@ from components.export.component import export
 from components.preflight.component import preflight
 from components.register.component import deploy_endpoint, register_model
 from components.train.component import train_stage
-from onevision.recipe import Recipe
+from onevision.recipe import STAGE_NAMES, Recipe
 
-STAGES = ("stage1", "stage1_5", "stage2_si", "stage2_ov")
 # KFP parameter suffix -> StageSpec field (preflight applies them as `<stage>.<field>` overrides)
 STAGE_PARAMETERS = {"learning_rate": "lr", "vision_tower_learning_rate": "vision_tower_lr",
                     "global_batch_size": "global_batch_size", "epochs": "epochs", "max_steps": "max_steps"}
@@ -57,7 +56,7 @@ def parameter_defaults(recipe: Recipe) -> dict[str, Any]:
         for suffix, field in STAGE_PARAMETERS.items():
             value = getattr(stage, field)
             defaults[f"{name}_{suffix}"] = value if value is not None else (0.0 if field.endswith("lr") else 0)
-    gpu_steps = [recipe.cluster.resources(s) for s in (*STAGES, "evaluate") if recipe.cluster.resources(s).gpus]
+    gpu_steps = [recipe.cluster.resources(s) for s in (*STAGE_NAMES, "evaluate") if recipe.cluster.resources(s).gpus]
     defaults["gpu_node_selector"] = dict(gpu_steps[0].node_selector) if gpu_steps else {}
     defaults["gpu_tolerations"] = [t.model_dump(exclude_none=True) for t in gpu_steps[0].tolerations] if gpu_steps else []
     return defaults
@@ -97,8 +96,8 @@ def _place(task: dsl.PipelineTask, step: str, recipe: Recipe, params: dict[str, 
 def build_pipeline(recipe: Recipe, recipe_uri: str, runs_root: str = "s3://onevision/runs") -> Callable[..., Any]:
     """The KFP pipeline for `recipe`; `recipe_uri` is what pods read (a path in the image, or s3://)."""
     enabled = [name for name, _ in recipe.stages.enabled()]
-    if enabled != list(STAGES):
-        raise ValueError(f"recipe {recipe.name}: the pipeline chains all of {list(STAGES)}; enabled: {enabled}")
+    if enabled != list(STAGE_NAMES):
+        raise ValueError(f"recipe {recipe.name}: the pipeline chains all of {list(STAGE_NAMES)}; enabled: {enabled}")
     final = enabled[-1]
     if final not in recipe.evaluation.after_stages:
         raise ValueError(f"recipe {recipe.name}: evaluation.after_stages must include {final} (it gates register)")

@@ -25,9 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from onevision import storage, tracking
-from onevision.recipe import Recipe, RecipeError, dump_recipe, load_recipe, parse_recipe
+from onevision.recipe import STAGE_NAMES, Recipe, RecipeError, dump_recipe, load_recipe, parse_recipe
 
-STAGES = ("stage1", "stage1_5", "stage2_si", "stage2_ov")
 # pipeline parameter value 0 means "the recipe's None" for these optional fields
 ZERO_IS_NONE = {"max_steps", "vision_tower_lr"}
 
@@ -43,7 +42,7 @@ def apply_overrides(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:
     doc = recipe.model_dump(mode="json")
     for key, raw in overrides.items():
         path = key.split(".")
-        node: Any = doc["stages"] if path[0] in STAGES else doc
+        node: Any = doc["stages"] if path[0] in STAGE_NAMES else doc
         for part in path[:-1]:
             if not isinstance(node, dict) or part not in node or node[part] is None:
                 raise RecipeError(f"override {key!r}: no such recipe field")

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from onevision import storage
-from onevision.recipe import load_recipe
+from onevision.recipe import STAGE_NAMES, load_recipe
 
 
 class TrainStepError(RuntimeError):
@@ -130,7 +130,7 @@ def _run_trainjob(recipe_uri: str, stage: str, data_uri: str, out_uri: str, init
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m components.train.core", description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", required=True, help="recipe YAML: local path or s3://")
-    parser.add_argument("--stage", required=True, choices=["stage1", "stage1_5", "stage2_si", "stage2_ov"])
+    parser.add_argument("--stage", required=True, choices=STAGE_NAMES)
     parser.add_argument("--data", required=True, help="the stage's curated shards (published prefix)")
     parser.add_argument("--out", required=True, help="the stage's output prefix: checkpoints/ and hf/ go below it")
     parser.add_argument("--init", default=None, help="the previous stage's <out>/hf")

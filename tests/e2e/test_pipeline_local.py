@@ -24,12 +24,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from onevision import storage, tracking
+from onevision.recipe import STAGE_NAMES as STAGES
 from onevision.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN = "e2e-1"
 PREFIX = f"s3://onevision/runs/tiny/{RUN}"
-STAGES = ("stage1", "stage1_5", "stage2_si", "stage2_ov")
 CLI = str(Path(sys.executable).parent / "onevision")
 
 

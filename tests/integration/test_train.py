@@ -20,10 +20,10 @@ import torch
 
 from components.curate.core import curate_stage
 from onevision import storage
+from onevision.recipe import STAGE_NAMES as STAGES
 from onevision.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
-STAGES = ("stage1", "stage1_5", "stage2_si", "stage2_ov")
 
 
 def small_recipe(tmp: Path, zero: int = 2, steps: int = 6, save_every: int = 3, per_device: int = 4,

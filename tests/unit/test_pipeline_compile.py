@@ -17,9 +17,10 @@ from google.protobuf import json_format
 from kfp.kubernetes import kubernetes_executor_config_pb2
 from kfp.pipeline_spec import pipeline_spec_pb2
 
+from onevision.recipe import STAGE_NAMES as STAGES
 from onevision.recipe import load_recipe
 from pipelines.compile import compile_pipeline, preset_paths
-from pipelines.onevision import STAGES, STEP_POLICY, parameter_defaults
+from pipelines.onevision import STEP_POLICY, parameter_defaults
 
 PRESETS = {recipe.stem: (recipe, compiled) for recipe, compiled in preset_paths().items()}
 
