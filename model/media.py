@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,50 @@ MAX_VIDEO_BYTES = 2 << 30
 
 class MediaError(ValueError):
     """A media file is missing, unreadable or unsafe; the message names the file."""
+
+
+class ImageBombError(MediaError):
+    """An image whose header claims more than MAX_IMAGE_PIXELS: refused before any pixel is decoded."""
+
+
+_ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")  # repr of a Python object, e.g. <_io.BytesIO ... at 0x7f..>
+
+
+def describe_error(err: BaseException) -> str:
+    """`Type: message` of a decoder's exception, without object reprs (their addresses differ per run)."""
+    return f"{type(err).__name__}: {_ADDRESS.sub('the data', str(err))}"
+
+
+_SIGNATURES = {b"\x89PNG": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF8": "GIF", b"BM": "BMP", b"II*\x00": "TIFF",
+               b"MM\x00*": "TIFF"}
+
+
+def not_an_image(data: bytes) -> str:
+    """Why bytes that no image decoder recognises are not an image, from the bytes alone (deterministic)."""
+    if not data:
+        return "empty file"
+    known = next((fmt for magic, fmt in _SIGNATURES.items() if data.startswith(magic)), None)
+    if known is None and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        known = "WebP"
+    if known:
+        return f"not a decodable image: a {known} header, corrupt or truncated ({len(data)} bytes)"
+    return f"not an image: starts with bytes {data[:4].hex()}"
+
+
+def image_size(data: bytes, name: str = "<bytes>") -> tuple[int, int]:
+    """(width, height) from the header alone; ImageBombError over MAX_IMAGE_PIXELS, MediaError if unreadable."""
+    try:
+        with Image.open(io.BytesIO(data)) as header:  # parses the header only; no pixel is decoded
+            width, height = header.size
+    except Image.DecompressionBombError as err:  # PIL's own cap (2x its warning limit) fired first
+        raise ImageBombError(f"{name}: {err}") from None
+    except Image.UnidentifiedImageError:
+        raise MediaError(f"{name}: {not_an_image(data)}") from None
+    except (OSError, ValueError, SyntaxError) as err:
+        raise MediaError(f"{name}: not a decodable image ({describe_error(err)})") from None
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageBombError(f"{name}: {width}x{height} exceeds {MAX_IMAGE_PIXELS} pixels (from its header)")
+    return width, height
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -46,20 +91,17 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def decode_image(data: bytes, name: str = "<bytes>") -> Image.Image:
-    """Bytes -> RGB image, validated (size cap, full decode)."""
+    """Bytes -> RGB image, validated (size cap from the header before decoding, then a full decode)."""
+    image_size(data, name)
     try:
         with Image.open(io.BytesIO(data)) as image:
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise MediaError(f"{name}: {image.width}x{image.height} exceeds {MAX_IMAGE_PIXELS} pixels")
             if getattr(image, "is_animated", False):
                 image.seek(0)  # animated GIF/WebP: the first frame
             image.load()
             image = ImageOps.exif_transpose(image) or image
             rgb = _to_rgb(image)
-    except MediaError:
-        raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise MediaError(f"{name}: not a decodable image ({type(err).__name__}: {err})") from None
+        raise MediaError(f"{name}: not a decodable image ({describe_error(err)})") from None
     if min(rgb.size) < 1:
         raise MediaError(f"{name}: empty image {rgb.size}")
     return rgb
@@ -96,7 +138,7 @@ def load_video(path: str | os.PathLike[str], num_frames: int, data: bytes | None
         with av.open(io.BytesIO(data) if data is not None else str(path)) as container:
             frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
     except (av.error.FFmpegError, ValueError, IndexError) as err:
-        raise MediaError(f"{path}: not a decodable video ({type(err).__name__}: {err})") from None
+        raise MediaError(f"{path}: not a decodable video ({describe_error(err)})") from None
     if not frames:
         raise MediaError(f"{path}: video has no frames")
     return np.stack([frames[i] for i in uniform_indices(len(frames), num_frames)])

@@ -5,6 +5,7 @@
     onevision stack up [--state-dir DIR] [--s3-port 8333] [--mlflow-port 5000]
     eval "$(onevision stack env)"
     onevision stack status | down
+    onevision curate --recipe recipes/tiny.yaml --stage stage2_si --out /tmp/si [--workers 2] [--force]
     onevision run --recipe recipes/tiny.yaml                  # the pipeline DAG under kfp.local, local stack
     onevision compile --recipe recipes/ov-7b.yaml -o ov-7b.yaml   # KFP YAML (--all: pipelines/compiled/)
     onevision submit --host https://kfp.example.com --recipe recipes/ov-7b.yaml [--param k=v]
@@ -45,6 +46,27 @@ def _recipe_show(args: argparse.Namespace) -> int:
     except RecipeError as err:
         print(err, file=sys.stderr)
         return 1
+    return 0
+
+
+def _curate(args: argparse.Namespace) -> int:
+    from components.curate.core import CurationError, run
+    from onevision.recipe import RecipeError
+    from onevision.storage import StorageError, join
+
+    try:
+        summary = run(args.recipe, args.stage, args.out, workers=args.workers, force=args.force,
+                      keep_work=args.keep_work, work_dir=args.work_dir)
+    except (CurationError, RecipeError, StorageError, OSError) as err:  # DiskFullError is an OSError
+        print(f"curate: {' '.join(str(err).split())}", file=sys.stderr)  # one line, whatever the source
+        return 1
+    t = summary["totals"]
+    print(f"{args.stage}: {t['records_in']} in, {t['kept']} kept, {t['duplicates']} duplicates, "
+          f"{t['rejected']} rejected ({len(summary['shards'])} shard(s))")
+    print(f"published  {summary['uri']}  manifest sha256 {summary['manifest_sha256'][:12]}")
+    print(f"data card  {join(summary['uri'], 'data_card.md')}")
+    if summary.get("work_dir"):
+        print(f"work kept  {summary['work_dir']}")
     return 0
 
 
@@ -185,6 +207,19 @@ def build_parser() -> argparse.ArgumentParser:
     stack.add_argument("--s3-port", type=int, default=8333, help="S3 port; SeaweedFS uses this and the next 9")
     stack.add_argument("--mlflow-port", type=int, default=5000)
     stack.set_defaults(handler=_stack)
+
+    from onevision.recipe import STAGE_NAMES
+
+    curate = sub.add_parser("curate", help="curate one stage's data mixture into published shards")
+    curate.add_argument("--recipe", required=True, help="recipe YAML, local path or s3://")
+    curate.add_argument("--stage", required=True, choices=STAGE_NAMES)
+    curate.add_argument("--out", required=True, help="where the shards are published (path or s3://)")
+    curate.add_argument("--workers", type=int, default=None, help="check processes (default: recipe; 0 = cores)")
+    curate.add_argument("--force", action="store_true",
+                        help="replace a stage already published at --out from another data recipe")
+    curate.add_argument("--work-dir", default=None, help="scratch folder (default: a new temporary one)")
+    curate.add_argument("--keep-work", action="store_true", help="keep the scratch folder (synthetic worlds, staging)")
+    curate.set_defaults(handler=_curate)
 
     run = sub.add_parser("run", help="run the pipeline DAG locally (kfp.local) on a recipe, on the local stack")
     run.add_argument("recipe", nargs="?", default="recipes/tiny.yaml")

@@ -29,6 +29,11 @@ TRAINABLE_PARTS = ("projector", "vision_tower", "language_model")
 PIPELINE_STEPS = ("curate", *STAGE_NAMES, "evaluate", "register", "export", "deploy")
 
 _SAMPLING = re.compile(r"^(all|(first|end|random):(\d+)(%?))$")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+# what curation can read, by field (a path without a scheme is local)
+SOURCE_SCHEMES = {"json_path": ("s3",), "media_root": ("s3",), "dataset_uri": ("s3", "hf", "synthetic")}
+_SCHEME_HELP = ("local paths, s3://bucket/key, hf://datasets/<id>/<config> (dataset_uri, read from "
+                "ONEVISION_DATASET_MIRROR) and synthetic://shapes/<kind> (dataset_uri)")
 _GRID = re.compile(r"^\((\d+)x(\d+)\)(?:,\.\.\.,\((\d+)x(\d+)\))?$")
 _ASPECT = re.compile(r"^(square|anyres|anyres_max_(\d+))$")
 
@@ -110,6 +115,15 @@ class DataSource(_Strict):
         if (self.json_path is None) == (self.dataset_uri is None):
             raise ValueError("give exactly one of json_path or dataset_uri")
         return self
+
+    @field_validator("json_path", "media_root", "dataset_uri")
+    @classmethod
+    def _check_scheme(cls, value: str | None, info: Any) -> str | None:
+        match = _SCHEME.match(value or "")
+        if match and match.group(1) not in SOURCE_SCHEMES[info.field_name]:
+            raise ValueError(f"{value!r}: {match.group(1)}:// is not a supported source scheme here; "
+                             f"curation reads {_SCHEME_HELP}")
+        return value
 
     @field_validator("sampling_strategy")
     @classmethod

@@ -250,6 +250,79 @@ def open_read(uri: str) -> Iterator[IO[bytes]]:
         response.release_conn()
 
 
+def size(uri: str) -> int:
+    """Bytes in one object or file (StorageNotFoundError if there is none)."""
+    if not is_s3(uri):
+        try:
+            return Path(uri).stat().st_size
+        except FileNotFoundError:
+            raise StorageNotFoundError(f"stat {uri}: no such file") from None
+    loc = parse_s3(uri)
+    return int(_with_retries(f"stat {uri}", lambda: s3_client().stat_object(loc.bucket, loc.key)).size)
+
+
+def read_range(uri: str, offset: int, length: int) -> bytes:
+    """`length` bytes from `offset` of an object or file (fewer at its end): one ranged GET on S3."""
+    if length <= 0:
+        return b""
+    if not is_s3(uri):
+        try:
+            with open(uri, "rb") as stream:
+                stream.seek(offset)
+                return stream.read(length)
+        except FileNotFoundError:
+            raise StorageNotFoundError(f"open {uri}: no such file") from None
+    loc = parse_s3(uri)
+
+    def _get() -> bytes:
+        response = s3_client().get_object(loc.bucket, loc.key, offset=offset, length=length)
+        try:
+            return response.read()  # inside the retry: a connection cut mid-body is retried too
+        finally:
+            response.close()
+            response.release_conn()
+
+    return _with_retries(f"get {uri} bytes {offset}+{length}", _get)
+
+
+class _RangeReader(io.RawIOBase):
+    """A seekable read-only S3 object: each read is a ranged GET (retried), nothing lands on disk."""
+
+    def __init__(self, uri: str):
+        self.uri, self.length, self.position = uri, size(uri), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.length}[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+    def readinto(self, buffer: Any) -> int:
+        data = read_range(self.uri, self.position, min(len(buffer), self.length - self.position))
+        buffer[:len(data)] = data
+        self.position += len(data)
+        return len(data)
+
+
+def open_random(uri: str, buffer_bytes: int = 8 << 20) -> IO[bytes]:
+    """A seekable binary reader of an object or file, for formats that jump (parquet footers, tar
+    members) or stream (JSONL): on S3, one ranged GET per `buffer_bytes` read, never a local copy."""
+    if not is_s3(uri):
+        try:
+            return open(uri, "rb")
+        except FileNotFoundError:
+            raise StorageNotFoundError(f"open {uri}: no such file") from None
+    return io.BufferedReader(_RangeReader(uri), buffer_bytes)
+
+
 def exists(uri: str) -> bool:
     """True if the object/file exists (a prefix with objects under it counts for S3 'directories')."""
     if not is_s3(uri):

@@ -37,12 +37,14 @@ class SourceStats:
     duplicates: int = 0
     rejected: int = 0
     normalised: int = 0
+    placeholders_moved: int = 0
     reasons: Counter[str] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, Any]:
         return {"source": self.name, "strategy": self.strategy, "available": self.available,
                 "records_in": self.records_in, "kept": self.kept, "duplicates": self.duplicates,
                 "rejected": self.rejected, "prompts_normalised": self.normalised,
+                "placeholders_moved": self.placeholders_moved,
                 "reasons": dict(sorted(self.reasons.items()))}
 
 
@@ -57,18 +59,21 @@ class CardStats:
     def add_kept(self, verdict: Verdict, source: SourceStats) -> None:
         source.kept += 1
         source.normalised += verdict.normalised
+        source.placeholders_moved += verdict.placeholder_moved
         self.modality[verdict.modality] += 1
         self.task_type[verdict.task] += 1
         self.by_source_task[(source.name, verdict.task)] += 1
         self.tokens[token_bin(verdict.num_tokens)] += 1
 
-    def card(self, stage: str, recipe_name: str, recipe_hash: str, shards: list[dict[str, Any]]) -> dict[str, Any]:
+    def card(self, stage: str, recipe_name: str, recipe_hash: str, data_recipe_hash: str,
+             shards: list[dict[str, Any]]) -> dict[str, Any]:
         reasons: Counter[str] = Counter()
         for s in self.sources:
             reasons.update(s.reasons)
         totals = {k: sum(getattr(s, k) for s in self.sources) for k in ("records_in", "kept", "duplicates", "rejected")}
         return {
-            "stage": stage, "recipe": recipe_name, "recipe_hash": recipe_hash, "totals": totals,
+            "stage": stage, "recipe": recipe_name, "recipe_hash": recipe_hash, "data_recipe_hash": data_recipe_hash,
+            "totals": totals,
             "sources": [s.as_dict() for s in self.sources],
             "modality": dict(sorted(self.modality.items())),
             "task_type": dict(sorted(self.task_type.items())),
@@ -89,13 +94,15 @@ def render_markdown(card: dict[str, Any]) -> str:
     t = card["totals"]
     parts = [
         f"# Data card: {card['recipe']} / {card['stage']}",
-        f"Recipe hash `{card['recipe_hash'][:12]}`. {t['records_in']} records in: {t['kept']} kept, "
+        f"Recipe hash `{card['recipe_hash'][:12]}`, data recipe hash `{card['data_recipe_hash'][:12]}`. {t['records_in']} records in: {t['kept']} kept, "
         f"{t['duplicates']} duplicates, {t['rejected']} rejected; {len(card['shards'])} shard(s), "
         f"{sum(s['bytes'] for s in card['shards'])} bytes.",
         "## Sources",
-        _table(("source", "sampling", "available", "in", "kept", "duplicates", "rejected", "prompts normalised"),
+        _table(("source", "sampling", "available", "in", "kept", "duplicates", "rejected", "prompts normalised",
+                "placeholders moved"),
                [(s["source"], s["strategy"], "-" if s["available"] is None else s["available"], s["records_in"],
-                 s["kept"], s["duplicates"], s["rejected"], s["prompts_normalised"]) for s in card["sources"]]),
+                 s["kept"], s["duplicates"], s["rejected"], s["prompts_normalised"], s["placeholders_moved"])
+                for s in card["sources"]]),
         "## Modality",
         _table(("modality", "records"), list(card["modality"].items())),
         "## Task type",

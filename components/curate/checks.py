@@ -5,19 +5,19 @@
 
 A record is rejected with a reason code (REASONS) and a message naming what is wrong: not an object
 with an id, a malformed conversation (roles must alternate user/assistant and end with an answer), text
-that is not encodable UTF-8 (lone surrogates), `<image>`/`<video>` placeholders that do not match the
-media, a media path outside the media root or missing, an image that does not decode fully, a
+that is not encodable UTF-8 (lone surrogates), an `<image>`/`<video>` placeholder in an assistant turn
+(the model would be trained to emit one), placeholders that do not match the media, a media path outside the media root or missing, an image that does not decode fully, a
 decompression bomb (checked from the header, before decoding), an image under the minimum side or past
 the aspect-ratio bound, an unreadable video, video in a stage without frames, or an estimated length
-over the stage's `model_max_length`. A kept record comes back classified, prompt-normalised, with the
-hashes that deduplication needs and `meta.num_tokens` (what the modality-length sampler reads).
+over the stage's `model_max_length`. A kept record comes back classified, its single `<image>` at the
+front of its turn (normalise.front_image_placeholder), prompt-normalised, with the hashes that
+deduplication needs and `meta.num_tokens` (what the modality-length sampler reads).
 Pure function of its inputs, so any number of worker processes give the same result.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 from dataclasses import dataclass
@@ -25,12 +25,13 @@ from typing import Any
 
 from PIL import Image
 
-from components.curate.normalise import classify_task, modality, normalise_prompt
+from components.curate.normalise import classify_task, front_image_placeholder, modality, normalise_prompt
 from model import chat
-from model.media import MAX_IMAGE_PIXELS, MediaError, decode_image, load_video
+from model.media import ImageBombError, MediaError, decode_image, load_video
 from onevision.recipe import Recipe
 
-REASONS = ("not_a_record", "unreadable", "conversation", "text_encoding", "placeholders", "media_path",
+REASONS = ("not_a_record", "unreadable", "conversation", "text_encoding", "placeholder_in_answer", "placeholders",
+           "media_path",
            "media_missing", "image_bomb", "image_undecodable", "image_too_small", "aspect_ratio",
            "video_unreadable", "video_not_allowed", "too_long", "duplicate", "near_duplicate")
 BYTES_PER_TEXT_TOKEN = 3  # BPE on English is ~4 bytes/token (Qwen2; tiny: 3.9 measured): errs long
@@ -72,6 +73,7 @@ class Verdict:
     task: str = ""
     num_tokens: int = 0
     normalised: bool = False
+    placeholder_moved: bool = False
 
 
 def reject(code: str, message: str) -> Verdict:
@@ -94,16 +96,9 @@ def _encodable(value: Any) -> bool:
 
 def _check_image(rel: str, data: bytes, limits: Limits) -> tuple[Verdict | None, Image.Image | None]:
     try:
-        with Image.open(io.BytesIO(data)) as header:  # reads the header only
-            width, height = header.size
-    except Image.DecompressionBombError as err:
-        return reject("image_bomb", f"{rel}: {err}"), None
-    except (OSError, ValueError, SyntaxError) as err:
-        return reject("image_undecodable", f"{rel}: not a decodable image ({type(err).__name__}: {err})"), None
-    if width * height > MAX_IMAGE_PIXELS:
-        return reject("image_bomb", f"{rel}: header claims {width}x{height} > {MAX_IMAGE_PIXELS} pixels"), None
-    try:
-        image = decode_image(data, rel)
+        image = decode_image(data, rel)  # checks the header's size before decoding a pixel
+    except ImageBombError as err:
+        return reject("image_bomb", str(err)), None
     except MediaError as err:
         return reject("image_undecodable", str(err)), None
     if min(image.size) < limits.min_side:
@@ -146,6 +141,11 @@ def check_record(record: Any, media: dict[str, bytes | str], limits: Limits) -> 
         return reject("conversation", "a training conversation must end with an assistant turn")
     if any(not text.strip() for role, text in turns if role == "assistant"):
         return reject("conversation", "an assistant turn is empty")
+    for i, (role, text) in enumerate(turns):
+        found = chat.count_placeholders([{"value": text}])
+        if role == "assistant" and any(found):
+            return reject("placeholder_in_answer", f"turn {i} (assistant) contains {found[0]} <image>/{found[1]} "
+                                                   "<video> placeholder(s); media belong in user turns")
     images, videos = _media_list(record, "image"), _media_list(record, "video")
     n_image, n_video = chat.count_placeholders(record["conversations"])
     if (n_image, n_video) != (len(images), len(videos)):
@@ -176,6 +176,7 @@ def check_record(record: Any, media: dict[str, bytes | str], limits: Limits) -> 
     if n_tokens > limits.model_max_length:
         return reject("too_long", f"~{n_tokens} tokens (estimated) > model_max_length {limits.model_max_length}")
     task = classify_task(turns)
+    record, moved = front_image_placeholder(record)
     normalised = False
     if limits.normalise_prompts:
         record, normalised = normalise_prompt(record, task)
@@ -185,10 +186,15 @@ def check_record(record: Any, media: dict[str, bytes | str], limits: Limits) -> 
     kept = {**record, "meta": {**(record.get("meta") or {}), "modality": modality(record), "task_type": task,
                                "num_tokens": n_tokens}}
     return Verdict(None, None, kept, hasher.hexdigest(), hashlib.sha256(folded.encode()).hexdigest(),
-                   tuple(phashes), modality(record), task, n_tokens, normalised)
+                   tuple(phashes), modality(record), task, n_tokens, normalised, moved)
 
 
 def check_item(item: tuple[Any, dict[str, bytes | str]], limits: Limits) -> Verdict:
     """check_record for a (RawRecord, media) pair: what worker processes run. It lives here, not in
-    core, so that a spawned worker imports this light module only (core pulls in torch via model.shards)."""
-    return check_record(item[0].record, item[1], limits)
+    core, so that a spawned worker imports this light module only (core pulls in torch via model.shards).
+    A record the reader could not parse is rejected here, not by the reader, so that the quarantine keeps
+    stream order whatever the worker count."""
+    raw, media = item
+    if raw.error is not None:
+        return reject("unreadable", raw.error)
+    return check_record(raw.record, media, limits)

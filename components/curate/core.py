@@ -1,6 +1,6 @@
 """Curate one stage's data mixture into training shards; nothing is lost, everything is counted.
 
-    python -m components.curate.core --recipe recipes/tiny.yaml --stage stage2_si --out /tmp/si [--workers 2]
+    onevision curate --recipe recipes/tiny.yaml --stage stage2_si --out /tmp/si [--workers 2] [--force]
 
     from components.curate.core import curate_stage, run
     summary = curate_stage(load_recipe("recipes/tiny.yaml"), "stage1", out="s3://onevision/runs/r1/curate/stage1")
@@ -12,14 +12,21 @@ encoding, media, size, length; classify and normalise prompts), deduplicate in s
 optionally re-caption (recaption.py), and write WebDataset shards. Published atomically under `out`:
 `shard-*.tar`, `quarantine.jsonl` (every rejected or duplicate record with its reason code and message),
 `curation.json` (per-source counts that reconcile: in = kept + duplicates + rejected; per-shard records,
-bytes, sha256), `data_card.json` and `data_card.md`, then the manifest last. Same recipe, same bytes.
+bytes, sha256), `data_card.json` and `data_card.md`, then the manifest last. Same recipe, same bytes,
+whatever the worker count: no reason names an object address, a path of this machine or a time.
+
+Reuse (`run`): a prefix that already holds a published stage is returned as it is only when its card
+records this stage and this stage's data recipe hash (`data_recipe_hash`: the mixture, the curation
+settings, the stage's limits, the seed); anything else is refused (StaleOutputError) unless `force`,
+which withdraws the old publish (manifest first) and curates again. Work folders (synthetic worlds,
+staging) are removed on success and on failure unless `keep_work`; S3 sources are streamed, not copied.
 """
 
 from __future__ import annotations
 
-import argparse
 import errno
 import functools
+import hashlib
 import itertools
 import json
 import os
@@ -28,6 +35,7 @@ import shutil
 import tempfile
 import time
 from collections import deque
+from dataclasses import asdict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -42,8 +50,9 @@ from components.curate.sources import (CurationError, MediaMissing, RawRecord, S
 from onevision import storage
 from onevision.recipe import Recipe, load_recipe
 
-__all__ = ["CurationError", "DiskFullError", "apply_sampling", "curate_stage", "run", "select_indices",
-           "synthetic_world"]
+__all__ = ["CurationError", "DiskFullError", "StaleOutputError", "apply_sampling", "curate_stage",
+           "data_recipe_hash", "run", "select_indices", "synthetic_world"]
+CURATION_FORMAT = 2  # part of every data recipe hash: bump when the same inputs would curate to other bytes
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -147,11 +156,7 @@ def _kept_records(recipe: Recipe, stage_name: str, work: Path, workers: int, sta
             for raw in source.records():
                 if not selected(raw.index):
                     continue
-                counts.records_in += 1
-                if raw.error is not None:
-                    counts.rejected += 1
-                    quarantine.add(counts, raw, "unreadable", raw.error)
-                    continue
+                counts.records_in += 1  # an unreadable one too: check_item rejects it, in stream order
                 media = _media_of(raw, source)
                 raw.media = {}  # now in `media`: don't ship the bytes to a worker twice
                 yield raw, media
@@ -184,6 +189,30 @@ def _deduplicated(checked: Iterator[tuple[tuple[RawRecord, dict], Verdict]], cou
         yield record, media
 
 
+class StaleOutputError(CurationError):
+    """`out` already holds a stage curated from another data recipe (or another stage)."""
+
+
+def _stage(recipe: Recipe, stage_name: str) -> Any:
+    stage = getattr(recipe.stages, stage_name, None)
+    if stage is None:
+        raise CurationError(f"recipe {recipe.name} has no stage {stage_name!r}")
+    return stage
+
+
+def data_recipe_hash(recipe: Recipe, stage_name: str) -> str:
+    """sha256 of everything that decides the bytes of a stage's curated data, and nothing else (the
+    learning rate or the worker count do not): the mixture, the curation settings, the stage's limits,
+    the seed. Sources are named by URI: data replaced under the same name is not detected."""
+    curation = recipe.curation.model_dump(mode="json")
+    curation.pop("workers")
+    doc = {"format": CURATION_FORMAT, "stage": stage_name,
+           "data": [entry.model_dump(mode="json") for entry in _stage(recipe, stage_name).data],
+           "curation": curation, "limits": asdict(Limits.for_stage(recipe, stage_name)),
+           "seed": recipe.training.seed}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 class DiskFullError(OSError):
     """Curation ran out of disk (ENOSPC/EDQUOT); the message names the path, and nothing was published."""
 
@@ -211,15 +240,27 @@ def _shard_table(staging: Path) -> list[dict[str, Any]]:
 
 
 def curate_stage(recipe: Recipe, stage_name: str, out: str, work_dir: str | None = None,
-                 workers: int | None = None) -> dict[str, Any]:
-    """Build and publish one stage's shards under `out`; returns the summary (also in curation.json)."""
-    if getattr(recipe.stages, stage_name, None) is None:
-        raise CurationError(f"recipe {recipe.name} has no stage {stage_name!r}")
+                 workers: int | None = None, keep_work: bool = False) -> dict[str, Any]:
+    """Build and publish one stage's shards under `out`; returns the summary (also in curation.json).
+
+    `work_dir` (default: a new temporary folder) holds generated synthetic worlds and the staging copy;
+    what this call put there is removed when it returns or fails, unless `keep_work`."""
+    _stage(recipe, stage_name)
     workers = recipe.curation.workers if workers is None else workers
     workers = workers or os.cpu_count() or 1  # 0 = one per core, from the recipe or the caller
-    work = Path(work_dir or tempfile.mkdtemp(prefix=f"curate-{stage_name}-"))
+    work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix=f"curate-{stage_name}-"))
     work.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f"publish-{stage_name}-", dir=work))  # never a previous run's files
+    try:
+        summary = _curate_into(recipe, stage_name, out, work, staging, workers)
+        return {**summary, "work_dir": str(work)} if keep_work else summary
+    finally:
+        if not keep_work:
+            shutil.rmtree(work if not work_dir else staging, ignore_errors=True)
+
+
+def _curate_into(recipe: Recipe, stage_name: str, out: str, work: Path, staging: Path,
+                 workers: int) -> dict[str, Any]:
     stats = CardStats()
     quarantine = _Quarantine(staging / "quarantine.jsonl")
     started = time.perf_counter()
@@ -234,7 +275,8 @@ def curate_stage(recipe: Recipe, stage_name: str, out: str, work_dir: str | None
         finally:
             quarantine.close()
         seconds = time.perf_counter() - started
-        card = stats.card(stage_name, recipe.name, recipe.hash(), _shard_table(staging))
+        card = stats.card(stage_name, recipe.name, recipe.hash(), data_recipe_hash(recipe, stage_name),
+                          _shard_table(staging))
         for source in card["sources"]:  # the invariant the quarantine promises; a bug here must not publish
             if source["records_in"] != source["kept"] + source["duplicates"] + source["rejected"]:
                 raise RuntimeError(f"curation counts do not reconcile for {source['source']}: {source}")
@@ -247,7 +289,6 @@ def curate_stage(recipe: Recipe, stage_name: str, out: str, work_dir: str | None
         # a failed attempt leaves nothing behind: its staged shards would keep a full disk full for the retry
         if publishing and isinstance(err, OSError):
             _withdraw(staging, out)
-        shutil.rmtree(staging, ignore_errors=True)
         if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
             where = err.filename or staging
             raise DiskFullError(err.errno, f"curation of {stage_name}: disk full ({err.strerror}) while writing "
@@ -271,45 +312,53 @@ def published_summary(out_uri: str) -> dict[str, Any] | None:
             "manifest_sha256": storage.manifest_hash(out_uri)}
 
 
+def _unpublish(out_uri: str) -> None:
+    """Withdraw a published stage: the manifest first (from then on it is not complete for any reader),
+    then the files it listed, then the re-captioning progress that belonged to it."""
+    listed = storage.read_manifest(out_uri)["files"]
+    storage.delete(storage.join(out_uri, storage.MANIFEST_NAME))
+    for rel in listed:
+        storage.delete(storage.join(out_uri, rel))
+    for uri in storage.list_uris(f"{out_uri.rstrip('/')}-recaption"):
+        storage.delete(uri)
+
+
 def run(recipe_uri: str, stage: str, out_uri: str, workers: int | None = None,
-        mlflow_parent: str | None = None, work_dir: str | None = None) -> dict[str, Any]:
+        mlflow_parent: str | None = None, work_dir: str | None = None, force: bool = False,
+        keep_work: bool = False) -> dict[str, Any]:
     """The pipeline step: curate `stage` of the recipe at `recipe_uri` (path or s3://) into `out_uri`.
 
-    With `mlflow_parent`, logs counts, throughput and the data card (JSON + Markdown) to a nested run
-    `curate_<stage>` under that pipeline run.
+    A stage already published at `out_uri` from the same data recipe is returned as it is (a resumed or
+    retried run curates nothing twice); from another one, StaleOutputError, or with `force` it is
+    withdrawn and curated again. With `mlflow_parent`, logs counts, throughput and the data card (JSON +
+    Markdown) to a nested run `curate_<stage>` under that pipeline run.
     """
     recipe = load_recipe(recipe_uri)
+    expected = data_recipe_hash(recipe, stage)
     published = published_summary(out_uri)
-    if published is not None:  # a resumed or retried run: the shards stand, nothing is curated twice
-        return published
+    if published is not None:
+        recorded = (published.get("stage"), published.get("data_recipe_hash"))
+        if recorded == (stage, expected):
+            return published
+        if not force:
+            held = (f"{recorded[0]} curated from data recipe {recorded[1][:12]}" if recorded[1]
+                    else f"{recorded[0]} with no data recipe hash (curated by an older version)")
+            raise StaleOutputError(
+                f"{out_uri} already holds {held}, not {stage} of recipe {recipe.name} (data recipe "
+                f"{expected[:12]}): curate into another --out, or pass --force to replace it")
+        _unpublish(out_uri)
     if not mlflow_parent:
-        summary = curate_stage(recipe, stage, out_uri, work_dir, workers)
+        summary = curate_stage(recipe, stage, out_uri, work_dir, workers, keep_work)
     else:
         import mlflow
 
         from onevision import tracking
 
         with tracking.step_run(f"curate_{stage}", mlflow_parent, params={"out_uri": out_uri}):
-            summary = curate_stage(recipe, stage, out_uri, work_dir, workers)
+            summary = curate_stage(recipe, stage, out_uri, work_dir, workers, keep_work)
             mlflow.log_metrics({**summary["totals"], "records_per_s": summary["records_per_s"]})
             card = {k: v for k, v in summary.items() if k not in ("card_markdown", "seconds", "records_per_s", "workers", "uri")}
             mlflow.log_dict(card, "data_card.json")
             mlflow.log_text(summary["card_markdown"], "data_card.md")
     summary.update(summary["totals"], manifest_sha256=storage.manifest_hash(out_uri))
     return summary
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--recipe", required=True, help="recipe YAML, local path or s3://")
-    parser.add_argument("--stage", required=True, help="stage1 | stage1_5 | stage2_si | stage2_ov")
-    parser.add_argument("--out", required=True, help="where the shards are published (path or s3://)")
-    parser.add_argument("--workers", type=int, default=None, help="check processes (default: recipe, 0 = cores)")
-    parser.add_argument("--mlflow-parent", default=None, help="parent MLflow run id of the pipeline run")
-    args = parser.parse_args(argv)
-    summary = run(args.recipe, args.stage, args.out, args.workers, args.mlflow_parent)
-    print(json.dumps({k: summary[k] for k in ("uri", "totals", "records_per_s", "manifest_sha256")}, indent=1))
-
-
-if __name__ == "__main__":
-    main()

@@ -8,17 +8,19 @@ Readers: LLaVA JSON lists (ijson, item by item) and JSONL (line by line; a line 
 not JSON is a rejected record, not a failed source), parquet with embedded image bytes in the layout of
 `lmms-lab/LLaVA-OneVision-Data` (`id`, `image: {bytes, path}`, `conversations`, `data_source`; read a
 row group at a time), and the seeded synthetic shapes world. Media resolve against a folder or a tar
-file, local or `s3://`. Paths are `s3://`-aware everywhere; remote files are fetched once into `work`.
-A source that cannot be read at all raises CurationError; a bad record is yielded with its error.
+file, local or `s3://`. S3 sources are streamed, never copied to disk: JSON and JSONL through buffered
+ranged GETs, parquet by its footer and row groups, a media tar indexed in one pass and read member by
+member (storage.open_random / read_range), so a node's disk holds no source however large it is. A
+source that cannot be read at all raises CurationError; a bad record is yielded with its error.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tarfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
@@ -81,29 +83,28 @@ class DirMedia:
 
 
 class TarMedia:
-    """Members of one tar file by name, read by offset (the index holds names and offsets only)."""
+    """Members of one tar file (local or s3://) by name, read by offset (the index holds names and offsets)."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, uri: str):
+        self.uri = uri
         self.index: dict[str, tuple[int, int]] = {}
         try:
-            with tarfile.open(path, "r:") as tar:  # uncompressed only: random access needs offsets
+            with storage.open_random(uri) as stream, tarfile.open(fileobj=stream, mode="r:") as tar:
+                # uncompressed only: random access needs offsets; headers are read, data is skipped
                 for member in tar:
                     if member.isfile():
                         self.index[member.name.removeprefix("./")] = (member.offset_data, member.size)
         except tarfile.TarError as err:
-            raise CurationError(f"{path}: not a readable uncompressed tar ({err})") from None
+            raise CurationError(f"{uri}: not a readable uncompressed tar ({err})") from None
 
     def read(self, rel: str) -> bytes:
         check_relative(rel)
         if rel not in self.index:
-            raise MediaMissing(f"media file {rel} is missing from {self.path.name}")
+            raise MediaMissing(f"media file {rel} is missing from {PurePosixPath(self.uri).name}")
         offset, size = self.index[rel]
         if size > MAX_MEDIA_BYTES:
             raise MediaMissing(f"media file {rel} is over {MAX_MEDIA_BYTES} bytes")
-        with open(self.path, "rb") as stream:
-            stream.seek(offset)
-            return stream.read(size)
+        return storage.read_range(self.uri, offset, size)
 
 
 class NoMedia:
@@ -111,24 +112,20 @@ class NoMedia:
         raise MediaMissing(f"media file {rel} is missing (parquet rows carry their images embedded)")
 
 
-def fetch(uri: str, work: Path) -> Path:
-    """A local path for a local path or an s3:// object (downloaded once into work/fetched)."""
-    if not storage.is_s3(uri):
-        if not Path(uri).exists():
-            raise CurationError(f"{uri}: no such file")
-        return Path(uri)
-    local = work / "fetched" / hashlib.sha256(uri.encode()).hexdigest()[:16] / PurePosixPath(uri).name
-    if not local.exists():
-        try:
-            storage.get_file(uri, local)
-        except storage.StorageNotFoundError:
-            raise CurationError(f"{uri}: no such object") from None
-    return local
+def require(uri: str) -> str:
+    """`uri` itself when the file or object exists; CurationError naming it otherwise."""
+    try:
+        storage.size(uri)
+    except storage.StorageNotFoundError:
+        raise CurationError(f"{uri}: no such {'object' if storage.is_s3(uri) else 'file'}") from None
+    except IsADirectoryError:
+        raise CurationError(f"{uri}: a folder, not a file") from None
+    return uri
 
 
-def _media_store(root: str, work: Path) -> MediaStore:
+def _media_store(root: str) -> MediaStore:
     if root.endswith(".tar"):
-        return TarMedia(fetch(root, work))
+        return TarMedia(require(root))
     return DirMedia(root)
 
 
@@ -146,11 +143,11 @@ class Source:
 
 
 class JsonlSource(Source):
-    def __init__(self, path: Path, name: str, media: MediaStore):
-        self.path, self.name, self.media = path, name, media
+    def __init__(self, uri: str, name: str, media: MediaStore):
+        self.uri, self.name, self.media = uri, name, media
 
     def records(self) -> Iterator[RawRecord]:
-        with open(self.path, "rb") as stream:
+        with storage.open_random(self.uri) as stream:
             index = 0
             for line in stream:
                 if not line.strip():
@@ -166,49 +163,57 @@ class JsonlSource(Source):
 
 
 class JsonListSource(Source):
-    def __init__(self, path: Path, name: str, media: MediaStore):
-        self.path, self.name, self.media = path, name, media
+    def __init__(self, uri: str, name: str, media: MediaStore):
+        self.uri, self.name, self.media = uri, name, media
 
     def records(self) -> Iterator[RawRecord]:
         import ijson
 
-        with open(self.path, "rb") as stream:
+        with storage.open_random(self.uri) as stream:
             try:
                 for index, record in enumerate(ijson.items(stream, "item", use_float=True)):
                     yield RawRecord(index, record)
             except (ijson.JSONError, UnicodeDecodeError) as err:
                 # One broken byte desynchronises a JSON list: the rest cannot be trusted.
-                raise CurationError(f"{self.path}: not a valid JSON list ({err}); "
+                raise CurationError(f"{self.uri}: not a valid JSON list ({err}); "
                                     "JSONL keeps bad lines as rejected records instead") from None
 
 
 class ParquetSource(Source):
     """Rows of parquet files (lmms-lab/LLaVA-OneVision-Data layout), one row group batch at a time."""
 
-    def __init__(self, files: list[Path], name: str, media: MediaStore | None = None):
+    def __init__(self, files: list[str], name: str, media: MediaStore | None = None):
         self.files, self.name, self.media = files, name, media or NoMedia()
 
-    def count(self) -> int:
+    @contextmanager
+    def _open(self, uri: str) -> Iterator[Any]:
         import pyarrow.parquet as pq
 
-        return sum(pq.ParquetFile(f).metadata.num_rows for f in self.files)
+        with storage.open_random(uri) as stream:
+            try:
+                parquet = pq.ParquetFile(stream)
+            except Exception as err:  # pyarrow raises several types for a corrupt file
+                raise CurationError(f"{uri}: not a readable parquet file ({err})") from None
+            yield parquet
+
+    def count(self) -> int:
+        total = 0
+        for uri in self.files:
+            with self._open(uri) as parquet:  # the footer only
+                total += parquet.metadata.num_rows
+        return total
 
     def records(self) -> Iterator[RawRecord]:
-        import pyarrow.parquet as pq
-
         index = 0
-        for path in self.files:
-            try:
-                parquet = pq.ParquetFile(path)
-            except Exception as err:  # pyarrow raises several types for a corrupt file
-                raise CurationError(f"{path}: not a readable parquet file ({err})") from None
-            missing = {"id", "conversations"} - set(parquet.schema_arrow.names)
-            if missing:
-                raise CurationError(f"{path}: parquet without column(s) {sorted(missing)}")
-            for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS):
-                for row in batch.to_pylist():
-                    yield _parquet_row(index, row)
-                    index += 1
+        for uri in self.files:
+            with self._open(uri) as parquet:
+                missing = {"id", "conversations"} - set(parquet.schema_arrow.names)
+                if missing:
+                    raise CurationError(f"{uri}: parquet without column(s) {sorted(missing)}")
+                for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+                    for row in batch.to_pylist():
+                        yield _parquet_row(index, row)
+                        index += 1
 
 
 def _parquet_row(index: int, row: dict[str, Any]) -> RawRecord:
@@ -242,23 +247,24 @@ def synthetic_world(uri: str, work: Path, seed: int) -> tuple[Path, str]:
     return world, kind
 
 
-def _parquet_files(uri: str, work: Path) -> list[Path]:
+def _parquet_files(uri: str) -> list[str]:
     if uri.endswith(".parquet"):
-        return [fetch(uri, work)]
+        return [require(uri)]
     if storage.is_s3(uri):
-        keys = sorted(u for u in storage.list_uris(uri) if u.endswith(".parquet"))
-        return [fetch(u, work) for u in keys]
-    return sorted(Path(uri).rglob("*.parquet"))
+        return sorted(u for u in storage.list_uris(uri) if u.endswith(".parquet"))
+    return [str(p) for p in sorted(Path(uri).rglob("*.parquet"))]
 
 
 def open_source(source: DataSource, work: Path, seed: int) -> Source:
-    """The reader for one mixture entry (raises CurationError when it cannot be read at all)."""
+    """The reader for one mixture entry (raises CurationError when it cannot be read at all).
+
+    `work` holds generated synthetic worlds only; no other source is copied there."""
     name = source.json_path or source.dataset_uri
     if source.dataset_uri is not None:
         uri = source.dataset_uri
         if uri.startswith("synthetic://"):
             world, kind = synthetic_world(uri, work, seed)
-            return SyntheticSource(world / f"{kind}.json", uri, DirMedia(str(world)))
+            return SyntheticSource(str(world / f"{kind}.json"), uri, DirMedia(str(world)))
         if uri.startswith("hf://datasets/"):
             mirror = os.environ.get("ONEVISION_DATASET_MIRROR")
             if not mirror:
@@ -266,13 +272,11 @@ def open_source(source: DataSource, work: Path, seed: int) -> Source:
                                     "set ONEVISION_DATASET_MIRROR to the folder or s3:// prefix holding "
                                     "<id>/<config>/*.parquet")
             uri = storage.join(mirror, uri.removeprefix("hf://datasets/"))
-        files = _parquet_files(uri, work)
+        files = _parquet_files(uri)
         if not files:
             raise CurationError(f"{source.dataset_uri}: no .parquet files")
-        return ParquetSource(files, name, _media_store(source.media_root, work) if source.media_root else None)
-    path = fetch(source.json_path, work)
-    root = source.media_root or (str(PurePosixPath(source.json_path).parent) if storage.is_s3(source.json_path)
-                                 else str(Path(source.json_path).parent))
-    media = _media_store(root, work)
-    reader = JsonlSource if source.json_path.endswith(".jsonl") else JsonListSource
-    return reader(path, name, media)
+        return ParquetSource(files, name, _media_store(source.media_root) if source.media_root else None)
+    uri = require(source.json_path)
+    root = source.media_root or (str(PurePosixPath(uri).parent) if storage.is_s3(uri) else str(Path(uri).parent))
+    reader = JsonlSource if uri.endswith(".jsonl") else JsonListSource
+    return reader(uri, name, _media_store(root))

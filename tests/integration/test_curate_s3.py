@@ -42,15 +42,18 @@ def test_s3_sources_to_s3_shards_with_data_card_in_mlflow(local_stack: object, t
     parent = tracking.ensure_pipeline_run(recipe, f"it-curate-{uuid.uuid4().hex[:6]}")
 
     summary = run(f"{prefix}/recipe.yaml", "stage2_si", f"{prefix}/out", mlflow_parent=parent,
-                  work_dir=str(tmp_path / "work"))
-    assert summary["totals"] == {"records_in": 26, "kept": 9, "duplicates": 2, "rejected": 15}
+                  work_dir=str(tmp_path / "work"), keep_work=True)
+    assert summary["totals"] == {"records_in": 28, "kept": 9, "duplicates": 2, "rejected": 17}
+    # streamed, not copied: the kept work folder holds the staging copy of the output and no source
+    kept = [p.name for p in (tmp_path / "work").rglob("*") if p.is_file()]
+    assert "quarantine.jsonl" in kept and not {"data.jsonl", "media.tar", "part-0.parquet"} & set(kept), kept
     assert summary["manifest_sha256"] == storage.manifest_hash(f"{prefix}/out")
 
     shards = ShardDataset(open_shards(f"{prefix}/out", cache_dir=tmp_path / "cache"))
     assert sorted(str(shards.record(i)["id"]) for i in range(len(shards))) == sorted(
         ["good", "good-text", "good-other-question", "mc", "p0", "p1", "p2", "p3", "p4"])
     quarantine = storage.read_bytes(f"{prefix}/out/quarantine.jsonl").decode().splitlines()
-    assert len(quarantine) == 17 and all(json.loads(line)["reason"] for line in quarantine)
+    assert len(quarantine) == 19 and all(json.loads(line)["reason"] for line in quarantine)
 
     client = MlflowClient()
     step = next(r for r in client.search_runs([client.get_run(parent).info.experiment_id],

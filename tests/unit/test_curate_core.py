@@ -68,7 +68,8 @@ EXPECTED = {  # record id -> reason code in quarantine (None: kept)
     "bomb": "image_bomb", "wrong-count": "placeholders", "empty": "conversation", "one-sided": "conversation",
     "missing": "media_missing", "escape": "media_path", "surrogate": "text_encoding",
     "duplicate": "duplicate", "near-duplicate": "near_duplicate", "too-long": "too_long",
-    "sliver": "aspect_ratio", "video-in-image-stage": "video_not_allowed",
+    "sliver": "aspect_ratio", "video-in-image-stage": "video_not_allowed", "elf": "image_undecodable",
+    "image-in-answer": "placeholder_in_answer",
 }
 
 
@@ -81,6 +82,7 @@ def planted_corpus(root: Path) -> Path:
         "near.jpg": _png((58, 44), (200, 20, 20), "JPEG", quality=85),  # resized + re-encoded: near dup
         "truncated.jpg": _png((64, 48), (0, 0, 200), "JPEG")[:200], "zero.png": b"",
         "pixel.png": _png((1, 1), (0, 0, 0)), "bomb.png": _bomb_png(), "sliver.png": _png((400, 12), (9, 9, 9)),
+        "elf.jpg": b"\x7fELF\x02\x01\x01" + bytes(200),
     }
     for name, data in files.items():
         (root / "img" / name).write_bytes(data)
@@ -103,6 +105,8 @@ def planted_corpus(root: Path) -> Path:
         {"id": "near-duplicate", "image": "img/near.jpg", "conversations": q()},
         {"id": "too-long", "image": "img/good.png", "conversations": q(answer="word " * 3000)},
         {"id": "video-in-image-stage", "video": "v.mp4", "conversations": q(placeholder="<video>\n")},
+        {"id": "elf", "image": "img/elf.jpg", "conversations": q()},
+        {"id": "image-in-answer", "image": "img/good.png", "conversations": q(answer="<image>\nred", placeholder="")},
     ]
     lines = [json.dumps(r).encode() for r in records]
     lines.insert(3, json.dumps({"id": "surrogate", "conversations": q(answer="x")}).encode().replace(b'"x"', b'"\\ud800"'))
@@ -137,7 +141,7 @@ def test_each_planted_defect_lands_in_quarantine_with_its_reason(tmp_path: Path,
     assert reasons == {**{k: v for k, v in EXPECTED.items() if v is not None}, "cross-source": "duplicate"}
     assert summary["sources"][1] | {"source": None} == {
         "source": None, "strategy": "all", "available": None, "records_in": 1, "kept": 0, "duplicates": 1,
-        "rejected": 0, "prompts_normalised": 0, "reasons": {"duplicate": 1}}
+        "rejected": 0, "prompts_normalised": 0, "placeholders_moved": 0, "reasons": {"duplicate": 1}}
     unreadable = [e for e in quarantine if e["reason_code"] == "unreadable"]
     assert sorted(e["reason"].split(" ")[0] for e in unreadable) == ["invalid", "not"]  # bad UTF-8, bad JSON
     assert all(e["raw"] for e in unreadable)  # the unparseable line itself is kept
@@ -154,7 +158,7 @@ def test_each_planted_defect_lands_in_quarantine_with_its_reason(tmp_path: Path,
     assert kept["good"]["conversations"][0]["value"].endswith("Answer the question using a single word or phrase.")
     assert kept["mc"]["meta"]["task_type"] == "mcq" and kept["good-text"]["meta"]["modality"] == "text"
     card = json.loads((tmp_path / "out" / "data_card.json").read_text())
-    assert card["rejection_reasons"]["image_undecodable"] == 2 and card["modality"]["single_image"] == 3
+    assert card["rejection_reasons"]["image_undecodable"] == 3 and card["modality"]["single_image"] == 3
     assert "| media_missing | 1 |" in (tmp_path / "out" / "data_card.md").read_text()
 
 
@@ -322,27 +326,3 @@ def test_videos_are_decoded_and_a_broken_one_is_quarantined(tmp_path: Path, tiny
     summary = curate_stage(recipe, "stage2_ov", str(tmp_path / "out"), work_dir=str(tmp_path / "work"))
     assert (summary["totals"]["kept"], summary["sources"][0]["reasons"]) == (1, {"video_unreadable": 1})
     assert _quarantine(tmp_path / "out")[0]["id"] == "broken-video"
-
-
-def test_a_published_stage_is_not_curated_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A resumed or retried pipeline step returns the published summary; only an unpublished prefix curates."""
-    import components.curate.core as core
-    from onevision import storage
-
-    card = {"totals": {"records_in": 5, "kept": 4, "duplicates": 0, "rejected": 1}, "stage": "stage1"}
-    staged = tmp_path / "staged"
-    staged.mkdir()
-    (staged / "curation.json").write_text(json.dumps(card))
-    (staged / "data_card.md").write_text("# card\n")
-    out = tmp_path / "out"
-
-    def must_not_run(*args, **kwargs):
-        raise AssertionError("curated again")
-
-    monkeypatch.setattr(core, "curate_stage", must_not_run)
-    with pytest.raises(AssertionError, match="curated again"):  # not published yet: it curates
-        core.run(str(Path(__file__).resolve().parents[2] / "recipes/tiny.yaml"), "stage1", str(out))
-    storage.publish_dir(staged, str(out), metadata=card["totals"])
-    summary = core.run(str(Path(__file__).resolve().parents[2] / "recipes/tiny.yaml"), "stage1", str(out))
-    assert summary["kept"] == 4 and summary["card_markdown"] == "# card\n"
-    assert summary["manifest_sha256"] == storage.manifest_hash(str(out))

@@ -57,14 +57,21 @@ def test_animated_gif_gives_first_frame() -> None:
 
 
 def test_garbage_and_bombs_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(media.MediaError, match="bad.png: not a decodable image"):
+    # the reason comes from the bytes, never from a repr (PIL's names `<_io.BytesIO object at 0x...>`)
+    with pytest.raises(media.MediaError, match=r"^bad.png: not an image: starts with bytes 6e6f7420$"):
         media.decode_image(b"not an image at all", "bad.png")
+    with pytest.raises(media.MediaError, match=r"^empty.jpg: empty file$"):
+        media.decode_image(b"", "empty.jpg")
+    with pytest.raises(media.MediaError, match=r"^head.png: not a decodable image: a PNG header, corrupt or "
+                                               r"truncated \(12 bytes\)$"):
+        media.decode_image(b"\x89PNG\r\n\x1a\n\0\0\0\0", "head.png")
     truncated = _encode(Image.new("RGB", (64, 64), (1, 2, 3)), "PNG")[:60]
     with pytest.raises(media.MediaError, match="cut.png"):
         media.decode_image(truncated, "cut.png")
     monkeypatch.setattr(media, "MAX_IMAGE_PIXELS", 100)
-    with pytest.raises(media.MediaError, match="exceeds 100 pixels"):
+    with pytest.raises(media.ImageBombError, match="11x10 exceeds 100 pixels"):
         media.decode_image(_encode(Image.new("RGB", (11, 10)), "PNG"), "big.png")
+    assert media.image_size(_encode(Image.new("RGB", (10, 10)), "PNG")) == (10, 10)
 
 
 def test_video_uniform_sampling(media_dir) -> None:
