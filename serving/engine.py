@@ -8,13 +8,17 @@ Requests wait at most `max_wait_ms` for companions (and not at all when none is 
 prepared, so a lone client pays no delay), then up to `max_batch_size` of them with the same
 sampling settings run as one left-padded batch (model.generation, the code evaluation uses, so a
 greedy answer is the same whatever the batch: tested). One worker thread owns the model; the asyncio
-loop only queues. A request past its `timeout_s` is answered 504 and dropped from the queue; a prompt
-longer than the model's context is refused with 400 before it reaches the model.
+loop only queues: every expensive step (decoding, tokenizing, the processor) runs in a thread, for
+streamed requests too, so health probes answer while a heavy request is prepared. A request past its
+`timeout_s` is answered 504 and dropped from the queue; a prompt longer than the model's context is
+refused with 400 before it reaches the model. Budgets the caller leaves unset in `limits` (text bytes,
+messages, pixels) are derived from this model's context and AnyRes grid (serving.budgets).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass
@@ -25,6 +29,7 @@ import torch
 from model import chat
 from model.generation import collate_left
 from model.processing import SampleError, SampleProcessor
+from serving.budgets import model_budgets
 from serving.requests import GenerationRequest, Limits, RequestError
 
 
@@ -50,8 +55,10 @@ class Engine:
                  template: chat.Template = "qwen_1_5", context_length: int | None = None):
         self.model, self.processor, self.name = model.eval(), processor, name
         self.max_batch_size, self.max_wait_s, self.timeout_s = max_batch_size, max_wait_ms / 1000, timeout_s
-        self.limits = limits or Limits()
         self.context_length = context_length or int(getattr(model.config.text_config, "max_position_embeddings", 32768))
+        limits = limits or Limits()
+        derived = model_budgets(model.config, self.context_length)
+        self.limits = dataclasses.replace(limits, **{k: v for k, v in derived.items() if getattr(limits, k) is None})
         self.sample_processor = SampleProcessor(processor, template, 1 << 20, video_frames=self.limits.video_frames)
         self.end_id = processor.tokenizer.convert_tokens_to_ids(chat.IM_END)
         self._queue: asyncio.Queue[_Pending] | None = None
@@ -165,16 +172,20 @@ class Engine:
                     if not p.future.done():
                         p.future.set_result(result)
 
+    def _stream_inputs(self, request: GenerationRequest) -> dict[str, Any]:
+        """One request's model inputs (prepare + collate), on the model's device."""
+        item = self.prepare(request)
+        device = next(self.model.parameters()).device
+        return {k: v.to(device) for k, v in collate_left([item], self.processor.tokenizer.pad_token_id).items()}
+
     async def stream(self, request: GenerationRequest) -> Any:
         """Async iterator of text pieces for one request (`stream: true`), generated token by token
         outside the batching queue; the model lock keeps it from overlapping a batch."""
         from transformers import TextIteratorStreamer
 
-        item = self.prepare(request)
+        batch = await asyncio.to_thread(self._stream_inputs, request)  # decode + tokenize: off the event loop
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True,
                                         timeout=self.timeout_s)
-        batch = {k: v.to(next(self.model.parameters()).device)
-                 for k, v in collate_left([item], self.processor.tokenizer.pad_token_id).items()}
         kwargs: dict[str, Any] = {"do_sample": not request.greedy, "max_new_tokens": request.max_new_tokens}
         if not request.greedy:
             kwargs.update(temperature=request.temperature, top_p=request.top_p)

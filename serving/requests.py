@@ -8,8 +8,11 @@ Accepted: `{"model", "messages": [{"role": "system"|"user"|"assistant", "content
 "text"}`, `{"type": "image_url", "image_url": {"url": ...}}` and `{"type": "video_url", "video_url":
 {"url": ...}}`. Media URLs: `data:<mime>;base64,...` (or bare base64), or `s3://bucket/key` only for a
 bucket in the allow-list. Nothing else is fetched: http(s), file and any other scheme are refused.
-Every image is decoded here (size cap, decompression-bomb guard), so a bad payload never reaches
-the model. All failures are RequestError with the HTTP status to answer and a message naming the field.
+Budgets (serving.budgets) come first, so a hostile body is refused in milliseconds with 413: the text's
+bytes before anything is tokenized, the message count, and every image's pixels from its header
+before any image is decoded (per request, and per call with a shared `CallBudget` when one HTTP call
+carries several bodies). Then every image is decoded here, so a bad payload never reaches the model.
+All failures are RequestError with the HTTP status to answer and a message naming the field.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from model import chat
-from model.media import MediaError, decode_image, load_video
+from model.media import ImageBombError, MediaError, decode_image, image_size, load_video
+from serving.budgets import BYTES_PER_TOKEN, DEFAULTS
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?:;[\w-]+=[\w.-]+)*;base64,(?P<data>.*)$", re.DOTALL)
 ROLES = {"system": "system", "user": "human", "assistant": "gpt"}
@@ -45,6 +49,22 @@ class Limits:
     max_new_tokens: int = 512
     allowed_s3_buckets: tuple[str, ...] = ()
     video_frames: int = 8
+    # None: derived from the model by the Engine (serving.budgets); serving.budgets.DEFAULTS without one
+    max_text_bytes: int | None = None  # UTF-8 bytes of all text parts, checked before tokenizing
+    max_messages: int | None = None
+    max_request_pixels: int | None = None  # all images of one body, from their headers
+    max_call_pixels: int | None = None  # all bodies of one HTTP call (v1 instances, v2/Triton rows)
+
+    def budget(self, name: str) -> int:
+        value = getattr(self, name)
+        return DEFAULTS[name] if value is None else value
+
+
+class CallBudget:
+    """Pixels admitted so far by the bodies of one HTTP call; pass the same one to each parse."""
+
+    def __init__(self) -> None:
+        self.pixels = 0
 
 
 @dataclass
@@ -104,17 +124,22 @@ def _content_parts(content: Any, where: str) -> list[dict[str, Any]]:
     return content
 
 
-def parse_chat_request(body: Any, limits: Limits) -> GenerationRequest:
-    """An OpenAI-style chat body -> GenerationRequest (RequestError on anything malformed)."""
+def parse_chat_request(body: Any, limits: Limits, call: CallBudget | None = None) -> GenerationRequest:
+    """An OpenAI-style chat body -> GenerationRequest (RequestError on anything malformed or over budget)."""
     if not isinstance(body, dict):
         raise RequestError(400, "request body must be a JSON object")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError(400, "messages must be a non-empty list")
+    if len(messages) > limits.budget("max_messages"):
+        raise RequestError(413, f"messages: {len(messages)} messages, at most {limits.budget('max_messages')} "
+                                "fit this model's context")
+    text_budget = _TextBudget(limits.budget("max_text_bytes"))
     conversations, media, images, videos = [], {}, [], []
+    pixels, image_parts = 0, {}  # image name -> where it was in the body
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or message["role"] not in ROLES:
             raise RequestError(400, f"{where}.role must be one of {sorted(ROLES)}")
         text = []
         for j, part in enumerate(_content_parts(message.get("content"), where)):
@@ -122,6 +147,7 @@ def parse_chat_request(body: Any, limits: Limits) -> GenerationRequest:
             if kind == "text":
                 if not isinstance(part.get("text"), str):
                     raise RequestError(400, f"{where}.content[{j}].text must be a string")
+                text_budget.take(part["text"], f"{where}.content[{j}].text")  # before any scan or tokenizing
                 reserved = [t for t in RESERVED_TEXT if t in part["text"]]
                 if reserved:  # chat-control tokens in user text would forge turns; placeholders need media
                     raise RequestError(400, f"{where}.content[{j}].text contains reserved token(s) {reserved}; "
@@ -138,11 +164,10 @@ def parse_chat_request(body: Any, limits: Limits) -> GenerationRequest:
                 data = _media_bytes(url, f"{where}.content[{j}].{kind}", limits)
                 if kind == "image_url":
                     name = f"img{len(images)}"
-                    try:
-                        decode_image(data, name)
-                    except MediaError as err:
-                        raise RequestError(400, f"{where}.content[{j}]: not a usable image ({err})") from None
+                    pixels += _header_pixels(data, name, f"{where}.content[{j}]")
+                    _check_pixels(pixels, limits, call, f"{where}.content[{j}]")
                     images.append(name)
+                    image_parts[name] = f"{where}.content[{j}]"
                     text.append(chat.IMAGE_TOKEN + "\n")
                 else:
                     name = f"vid{len(videos)}.mp4"
@@ -158,12 +183,55 @@ def parse_chat_request(body: Any, limits: Limits) -> GenerationRequest:
         conversations.append({"from": ROLES[message["role"]], "value": "".join(text)})
     if conversations[-1]["from"] != "human":
         raise RequestError(400, "the last message must be from the user")
+    if call is not None:
+        call.pixels += pixels
+    for name, part in image_parts.items():  # only now, every header within budget: decode (validation)
+        try:
+            decode_image(media[name], name)
+        except MediaError as err:
+            raise RequestError(400, f"{part}: not a usable image ({err})") from None
     record: dict[str, Any] = {"id": "request", "conversations": conversations}
     if images:
         record["image"] = images
     if videos:
         record["video"] = videos
     return GenerationRequest(record, media, **_sampling(body, limits))
+
+
+class _TextBudget:
+    """UTF-8 bytes of a body's text parts, refused (413) as soon as they pass the budget."""
+
+    def __init__(self, budget: int):
+        self.budget, self.used = budget, 0
+
+    def take(self, text: str, where: str) -> None:
+        # len(text) <= its UTF-8 size: a huge text is refused without even encoding it
+        self.used += len(text) if len(text) > self.budget else len(text.encode("utf-8", "surrogatepass"))
+        if self.used > self.budget:
+            raise RequestError(413, f"{where}: the text is over this model's budget of {self.budget} bytes "
+                                    f"({BYTES_PER_TOKEN} bytes per token of its context); shorten the prompt")
+
+
+def _header_pixels(data: bytes, name: str, where: str) -> int:
+    """An image's pixels from its header alone (nothing decoded); 413 past the per-image cap, 400 if no image."""
+    try:
+        width, height = image_size(data, name)
+    except ImageBombError as err:
+        raise RequestError(413, f"{where}: image too large ({err})") from None
+    except MediaError as err:
+        raise RequestError(400, f"{where}: not a usable image ({err})") from None
+    return width * height
+
+
+def _check_pixels(pixels: int, limits: Limits, call: CallBudget | None, where: str) -> None:
+    budget = limits.budget("max_request_pixels")
+    if pixels > budget:
+        raise RequestError(413, f"{where}: the images come to {pixels} pixels, over this model's budget of "
+                                f"{budget} pixels per request; send smaller images (the model resizes to its "
+                                "AnyRes grid anyway)")
+    if call is not None and call.pixels + pixels > limits.budget("max_call_pixels"):
+        raise RequestError(413, f"{where}: the images of this call come to {call.pixels + pixels} pixels, over "
+                                f"the budget of {limits.budget('max_call_pixels')} pixels per call; split it")
 
 
 def _sampling(body: dict[str, Any], limits: Limits) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import time
 
 import pytest
 from PIL import Image
@@ -70,7 +71,7 @@ def test_stop_strings_and_limits(engine: Engine) -> None:
 
 
 def test_over_long_prompt_is_400_before_queueing(engine: Engine) -> None:
-    body = chat("word " * 5000)
+    body = chat("word " * 1500)  # within the text budget (1024 tokens x 16 bytes), over the context
     with pytest.raises(RequestError) as err:
         asyncio.run(engine.submit(parse_chat_request(body, engine.limits)))
     assert err.value.status == 400 and "exceeds the context length" in err.value.message
@@ -91,3 +92,51 @@ def test_streaming_yields_the_greedy_answer(engine: Engine) -> None:
         return [piece async for piece in engine.stream(request)]
 
     assert "".join(asyncio.run(collect())).strip() == expected
+
+
+def test_budgets_are_derived_from_the_model_unless_set(engine: Engine, tiny_recipe) -> None:
+    from model.builder import build_tiny
+
+    assert engine.limits.max_text_bytes == 1024 * 16 and engine.limits.max_messages == 512
+    assert engine.limits.max_request_pixels == 4096 * 4096  # the tiny grid is far below the floor
+    model, processor = build_tiny(tiny_recipe)
+    assert Engine(model, processor, limits=Limits(max_text_bytes=99)).limits.max_text_bytes == 99
+
+
+def test_streaming_prepares_off_the_event_loop(engine: Engine) -> None:
+    """A heavy streamed request (a 4096x4096 noise image to decode and resize) must leave the loop free:
+    a 10 ms heartbeat never stalls for long while it is prepared."""
+    import numpy as np
+
+    noise = np.random.default_rng(0).integers(0, 255, (4096, 4096, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, "JPEG", quality=90)
+    url = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                      {"type": "text", "text": "?"}]}], "max_tokens": 2}
+    request = parse_chat_request(body, Limits(max_media_bytes=64 << 20))
+
+    async def run() -> tuple[float, float]:
+        gaps, stop = [], asyncio.Event()
+
+        async def heartbeat() -> None:
+            last = time.perf_counter()
+            while not stop.is_set():
+                await asyncio.sleep(0.01)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+
+        beat = asyncio.create_task(heartbeat())
+        await asyncio.sleep(0.05)  # the heartbeat is running before the request starts
+        start = time.perf_counter()
+        async for _ in engine.stream(request):
+            pass
+        took = time.perf_counter() - start
+        stop.set()
+        await beat
+        return took, max(gaps)
+
+    took, worst = asyncio.run(run())
+    print(f"\nstreamed a 16.8 MP image in {took:.2f} s; worst event-loop stall {worst * 1000:.0f} ms")
+    assert worst < max(0.25, took / 3), (took, worst)

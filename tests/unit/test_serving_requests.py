@@ -178,10 +178,10 @@ def test_not_an_image(payload: bytes) -> None:
     _refused(_user(_image(_data_url(payload))), 400, "messages[0].content[0]", "not a usable image")
 
 
-def test_decompression_bomb_is_not_an_image() -> None:
+def test_decompression_bomb_is_too_large_from_its_header() -> None:
     buffer = io.BytesIO()
     Image.new("1", (9000, 9000)).save(buffer, "PNG")  # 81 Mpx in a few KB
-    _refused(_user(_image(_data_url(buffer.getvalue()))), 400, "not a usable image", "exceeds",
+    _refused(_user(_image(_data_url(buffer.getvalue()))), 413, "image too large", "9000x9000", "exceeds",
              limits=Limits(max_media_bytes=1 << 20))
 
 
@@ -242,3 +242,78 @@ def test_reserved_tokens_in_user_text_are_refused(text: str) -> None:
 
 def test_stream_must_be_a_boolean() -> None:
     _refused(_user({"type": "text", "text": "hi"}, stream="false"), 400, "stream must be true or false")
+
+
+# ---- budgets: refused before the expensive step (issue 21) -----------------------------------------------
+def _jpeg(size: tuple[int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (90, 140, 200)).save(buffer, "JPEG", quality=30)
+    return buffer.getvalue()
+
+
+def test_text_over_the_byte_budget_is_413_without_tokenizing() -> None:
+    import time
+
+    limits = Limits(max_text_bytes=1000)
+    start = time.perf_counter()
+    _refused(_user({"type": "text", "text": "word " * 6_000_000}), 413, "content[0].text", "1000 bytes", limits=limits)
+    assert time.perf_counter() - start < 0.5  # 30 MB: refused without encoding or scanning it
+    _refused({"messages": [{"role": "user", "content": "é" * 400}, {"role": "assistant", "content": "ok"},
+                           {"role": "user", "content": "x" * 300}]}, 413, "messages[2]", limits=limits)  # 800 + 302 bytes
+    assert parse_chat_request(_user({"type": "text", "text": "é" * 500}), limits).record  # exactly 1000 bytes
+
+
+def test_more_messages_than_the_context_holds_is_413() -> None:
+    _refused({"messages": [{"role": "user", "content": ""}] * 11}, 413, "11 messages", "at most 10",
+             limits=Limits(max_messages=10))
+
+
+def test_unhashable_role_is_400() -> None:
+    _refused({"messages": [{"role": ["user"], "content": "hi"}]}, 400, "role must be one of")
+
+
+def test_pixels_over_the_request_budget_are_413_from_the_headers() -> None:
+    limits = Limits(max_media_bytes=1 << 20, max_request_pixels=100 * 100)
+    small = _image(_data_url(_jpeg((60, 60)), "image/jpeg"))  # 3600 pixels
+    assert parse_chat_request(_user(small, small), limits).record["image"] == ["img0", "img1"]
+    _refused(_user(small, small, small), 413, "messages[0].content[2]", "10800 pixels", "10000", limits=limits)
+    # refused at its header: the part after it is never read, and nothing was decoded
+    _refused(_user(_image(_data_url(_jpeg((101, 100)), "image/jpeg")), _image(_data_url(b"garbage"))), 413,
+             "content[0]", "10100 pixels", limits=limits)
+
+
+def test_pixels_over_the_call_budget_are_413() -> None:
+    from serving.requests import CallBudget
+
+    limits = Limits(max_media_bytes=1 << 20, max_request_pixels=5000, max_call_pixels=8000)
+    body = _user(_image(_data_url(_jpeg((60, 60)), "image/jpeg")))  # 3600 pixels
+    call = CallBudget()
+    parse_chat_request(body, limits, call)
+    parse_chat_request(body, limits, call)
+    with pytest.raises(RequestError) as info:
+        parse_chat_request(body, limits, call)
+    assert info.value.status == 413 and "10800 pixels" in info.value.message and "per call" in info.value.message
+
+
+def test_non_image_bytes_name_the_problem_without_object_addresses() -> None:
+    with pytest.raises(RequestError) as info:
+        parse_chat_request(_user(_image(_data_url(b"\x7fELF" + b"\0" * 60))), LIMITS)
+    assert info.value.status == 400 and "not a usable image" in info.value.message
+    assert "0x" not in info.value.message and "object at" not in info.value.message, info.value.message
+
+
+def test_budgets_come_from_the_model() -> None:
+    from types import SimpleNamespace
+
+    from serving import budgets
+
+    # ov-7b's AnyRes grid: 384-px tiles, (1x1)..(6x6) -> the largest image it is fed is 2304x2304
+    config = SimpleNamespace(image_grid_pinpoints=[[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)],
+                             vision_config=SimpleNamespace(image_size=384))
+    derived = budgets.model_budgets(config, context_length=32768)
+    assert derived["max_request_pixels"] == 4 * 2304 * 2304 > budgets.MIN_REQUEST_PIXELS
+    assert derived["max_call_pixels"] == budgets.CALL_FACTOR * derived["max_request_pixels"]
+    assert derived["max_text_bytes"] == 32768 * budgets.BYTES_PER_TOKEN and derived["max_messages"] == 16384
+    tiny = SimpleNamespace(image_grid_pinpoints=[[56, 56], [168, 168]], vision_config=SimpleNamespace(image_size=56))
+    assert budgets.model_budgets(tiny, 8192)["max_request_pixels"] == budgets.MIN_REQUEST_PIXELS  # the floor
+    assert Limits().budget("max_text_bytes") == budgets.DEFAULTS["max_text_bytes"]
