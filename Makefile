@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	  echo "warning: $$((free_kb / 1048576)) GiB free here; the environment needs about 8 GiB (torch's CUDA build)" >&2
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade "pip>=25"
-	# torch is named in the same command as everything that depends on it (see ../shared/STACK_NOTES.md)
+	# torch is named in the same command as everything that depends on it (otherwise pip may pick another torch build)
 	$(BIN)/python -m pip install -c constraints.txt -e ".[test]"
 	$(BIN)/python -m pip check
 	touch $@
