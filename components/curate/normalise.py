@@ -64,7 +64,7 @@ def front_image_placeholder(record: dict[str, Any]) -> tuple[dict[str, Any], boo
         before, _, after = value.partition(chat.IMAGE_TOKEN)
         before, after = before.rstrip(" \t"), after.lstrip(" \t")
         joiner = " " if before and after and not before.endswith("\n") and not after.startswith("\n") else ""
-        canonical = f"{chat.IMAGE_TOKEN}\n{(before + joiner + after).strip()}"
+        canonical = f"{chat.IMAGE_TOKEN}\n{(before + joiner + after).strip()}".strip()  # a bare "<image>" stays
         if canonical == value:
             return record, False
         out = copy.deepcopy(record)

@@ -131,6 +131,8 @@ def _record(first_turn: str, answer: str = "red", image: object = "img/good.png"
     ("Look at <image> and name the colour.", "<image>\nLook at and name the colour."),
     ("<image>What colour is the square?", "<image>\nWhat colour is the square?"),
     ("<image>\nWhat colour is the square?", "<image>\nWhat colour is the square?"),  # already canonical
+    ("<image>", "<image>"),  # a caption prompt of the placeholder alone (LLaVA strips the newline)
+    ("  <image>  ", "<image>"),
 ])
 def test_a_single_image_placeholder_moves_to_the_front_of_its_turn(tmp_path: Path, tiny_recipe, written: str,
                                                                     expected: str) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from components.curate.normalise import (MULTIPLE_CHOICE_PROMPT, SHORT_ANSWER_PROMPT, classify,
-                                         normalise_prompt)
+                                         front_image_placeholder, normalise_prompt)
 from model import shapes_world
 
 WORLD_TASK = {"caption": "caption", "description": "detailed_description", "ocr": "ocr", "color": "short_vqa",
@@ -28,6 +28,7 @@ def test_classification_matches_the_world_labels(tmp_path: Path) -> None:
             if (modality, task) != (expected_modality, WORLD_TASK[record["meta"]["task"]]):
                 wrong.append((record["id"], modality, task))
             assert normalise_prompt(record, task) == (record, False)  # the world is already normalised
+            assert front_image_placeholder(record) == (record, False)  # and in LLaVA's placeholder layout
     assert wrong == []
 
 
