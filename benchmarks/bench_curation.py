@@ -10,6 +10,11 @@ with `model.media.decode_image` - the work no curation can avoid. Ours: `curate_
 corpus, everything on (validation, pHash + exact dedup, classification, normalisation, shards,
 quarantine, data card, publish), with 1 worker (in-process) and 2 worker processes. A ratio near 1
 with one worker means curation costs little beyond decoding; with 2 workers it can exceed 1.
+
+S3 sources (a private SeaweedFS on loopback; the JSONL and an uncompressed tar of the images on S3, the
+shards published to S3, 1 worker): ours streams them (ranged GETs; one per image), the baseline is what
+curation did before, download both to the node's disk, then curate from there (the download is timed).
+Also reported: bytes left on the node's disk by each (ours: none).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import json
 import os
 import platform
 import shutil
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +35,7 @@ from PIL import Image
 
 from components.curate.core import curate_stage
 from model.media import decode_image
+from onevision import storage
 from onevision.recipe import load_recipe, parse_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,13 +67,66 @@ def decode_only(corpus: Path) -> float:
     return n / (time.perf_counter() - start)
 
 
-def curate(corpus: Path, work: Path, workers: int) -> float:
+def _recipe(source: dict[str, str]):
     doc = load_recipe(ROOT / "recipes/tiny.yaml").model_dump(mode="json")
-    doc["stages"]["stage2_si"]["data"] = [{"json_path": str(corpus)}]
+    doc["stages"]["stage2_si"]["data"] = [source]
     doc["stages"]["stage2_si"]["model_max_length"] = 4096
-    summary = curate_stage(parse_recipe(doc), "stage2_si", str(work / f"out-{workers}"),
+    return parse_recipe(doc)
+
+
+def curate(corpus: Path, work: Path, workers: int) -> float:
+    summary = curate_stage(_recipe({"json_path": str(corpus)}), "stage2_si", str(work / f"out-{workers}"),
                            work_dir=str(work / "w"), workers=workers)
     return summary["records_per_s"]
+
+
+def _source_bytes_on_node(node: Path) -> int:
+    """Bytes a run left in its work folder apart from the staging copy of its output (kept by keep_work)."""
+    return sum(p.stat().st_size for p in node.rglob("*")
+               if p.is_file() and not p.relative_to(node).parts[0].startswith("publish-"))
+
+
+def s3_sources(corpus: Path, work: Path, repeats: int) -> dict[str, float]:
+    """Records/s and node-disk bytes: S3 sources streamed (ours) vs downloaded first (the old way)."""
+    from onevision import stack
+
+    with tarfile.open(work / "media.tar", "w") as tar:
+        tar.add(corpus.parent / "img", arcname="img")
+    state = work / "stack"
+    info = stack.stack_up(state, s3_port=stack.free_port_block(10), mlflow_port=stack.free_port_block(1),
+                          services=("s3",))
+    saved = dict(os.environ)
+    try:
+        os.environ.update(info.env())
+        prefix = "s3://onevision/bench-curation"
+        storage.put_file(corpus, f"{prefix}/data.jsonl")
+        storage.put_file(work / "media.tar", f"{prefix}/media.tar")
+        n = sum(1 for _ in corpus.open())
+        best = {"streamed": 0.0, "download_first": 0.0}
+        disk = {}
+        for r in range(repeats):
+            node = work / f"node-streamed-{r}"
+            start = time.perf_counter()
+            curate_stage(_recipe({"json_path": f"{prefix}/data.jsonl", "media_root": f"{prefix}/media.tar"}),
+                         "stage2_si", f"{prefix}/out-streamed-{r}", work_dir=str(node), workers=1, keep_work=True)
+            best["streamed"] = max(best["streamed"], n / (time.perf_counter() - start))
+            disk["streamed"] = _source_bytes_on_node(node)
+
+            node = work / f"node-download-{r}"
+            start = time.perf_counter()
+            storage.get_file(f"{prefix}/data.jsonl", node / "fetched" / "data.jsonl")
+            storage.get_file(f"{prefix}/media.tar", node / "fetched" / "media.tar")
+            curate_stage(_recipe({"json_path": str(node / "fetched" / "data.jsonl"),
+                                  "media_root": str(node / "fetched" / "media.tar")}),
+                         "stage2_si", f"{prefix}/out-download-{r}", work_dir=str(node), workers=1, keep_work=True)
+            best["download_first"] = max(best["download_first"], n / (time.perf_counter() - start))
+            disk["download_first"] = _source_bytes_on_node(node)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        stack.stack_down(state)
+    return {**{f"{k}_records_per_s": round(v, 1) for k, v in best.items()},
+            **{f"{k}_node_disk_bytes": v for k, v in disk.items()}}
 
 
 def measure(records: int, repeats: int) -> dict:
@@ -78,6 +138,7 @@ def measure(records: int, repeats: int) -> dict:
         rates["decode_only"] = max(rates["decode_only"], decode_only(corpus))
         rates["curate_1_worker"] = max(rates["curate_1_worker"], curate(corpus, work, 1))
         rates["curate_2_workers"] = max(rates["curate_2_workers"], curate(corpus, work, 2))
+    s3 = s3_sources(corpus, work, repeats)
     shutil.rmtree(work, ignore_errors=True)
     return {
         "benchmark": "curation records/s vs decode-only",
@@ -85,6 +146,7 @@ def measure(records: int, repeats: int) -> dict:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "records_per_s": {k: round(v, 1) for k, v in rates.items()},
         "ratio_vs_decode_only": {k: round(v / rates["decode_only"], 3) for k, v in rates.items() if k != "decode_only"},
+        "s3_sources": s3,
     }
 
 
@@ -101,7 +163,12 @@ def run(quick: bool = False) -> dict:
             "rows": [{"label": "1 worker (in-process)", "ours": rate["curate_1_worker"], "baseline": rate["decode_only"],
                       "notes": note + "; ratio < 1 is expected: the baseline does a fraction of the work"},
                      {"label": "2 worker processes", "ours": rate["curate_2_workers"], "baseline": rate["decode_only"],
-                      "notes": "baseline single-process"}],
+                      "notes": "baseline single-process"},
+                     {"label": "S3 sources streamed, 1 worker", "ours": raw["s3_sources"]["streamed_records_per_s"],
+                      "baseline": raw["s3_sources"]["download_first_records_per_s"],
+                      "notes": "baseline: download the JSONL + media tar to the node, then curate (the old way); "
+                               f"node disk left: {raw['s3_sources']['streamed_node_disk_bytes']} vs "
+                               f"{raw['s3_sources']['download_first_node_disk_bytes']} bytes"}],
             "series": {"throughput": {"kind": "bar", "title": "curation records/s", "ylabel": "records/s",
                                       "x": ["decode-only (baseline)", "curate, 1 worker", "curate, 2 workers"],
                                       "lines": {"records/s": [rate["decode_only"], rate["curate_1_worker"],

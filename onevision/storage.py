@@ -285,6 +285,28 @@ def read_range(uri: str, offset: int, length: int) -> bytes:
     return _with_retries(f"get {uri} bytes {offset}+{length}", _get)
 
 
+class RangeReader:
+    """Byte ranges of one object or file, by offset. Reads that move forward through it (tar members in
+    the order records name them) share one read-ahead window: one ranged GET per `window` bytes instead of
+    one per read. A jump fetches just what it asks, so random access never pays for a window."""
+
+    SEQUENTIAL_GAP = 64 << 10  # a read this close after the last one continues the stream (tar headers)
+
+    def __init__(self, uri: str, window: int = 8 << 20):
+        self.uri, self.window = uri, window
+        self.start, self.data, self.last_end = 0, b"", -1
+        self.gets = 0  # ranged GETs (or file reads) made: what the window saves
+
+    def read(self, offset: int, length: int) -> bytes:
+        end = offset + length
+        if not (self.start <= offset and end <= self.start + len(self.data)):
+            ahead = 0 <= offset - self.last_end <= self.SEQUENTIAL_GAP
+            self.start, self.data = offset, read_range(self.uri, offset, max(length, self.window) if ahead else length)
+            self.gets += 1
+        self.last_end = end
+        return self.data[offset - self.start:end - self.start]
+
+
 class _RangeReader(io.RawIOBase):
     """A seekable read-only S3 object: each read is a ranged GET (retried), nothing lands on disk."""
 

@@ -87,6 +87,7 @@ class TarMedia:
 
     def __init__(self, uri: str):
         self.uri = uri
+        self.reader = storage.RangeReader(uri)  # records in tar order: one GET per 8 MiB, not per member
         self.index: dict[str, tuple[int, int]] = {}
         try:
             with storage.open_random(uri) as stream, tarfile.open(fileobj=stream, mode="r:") as tar:
@@ -104,7 +105,7 @@ class TarMedia:
         offset, size = self.index[rel]
         if size > MAX_MEDIA_BYTES:
             raise MediaMissing(f"media file {rel} is over {MAX_MEDIA_BYTES} bytes")
-        return storage.read_range(self.uri, offset, size)
+        return self.reader.read(offset, size)
 
 
 class NoMedia:

@@ -110,3 +110,23 @@ def test_checkpoint_rotation_keeps_complete_checkpoints_and_drops_torn_ones(tmp_
     CheckpointPublisher(str(tmp_path / "out"), {}, True, keep=2)._rotate()
     # 9 and 12 are the two newest complete; 3 is old, 6 is debris; 15 (newer, torn) is left to be republished
     assert {p.parent.name for p in ckpts.rglob("*") if p.is_file()} == {"checkpoint-9", "checkpoint-12", "checkpoint-15"}
+
+
+def test_range_reads_stream_forward_in_windows_and_jump_exactly(tmp_path) -> None:
+    data = bytes(range(256)) * 400  # 102,400 bytes
+    (tmp_path / "blob").write_bytes(data)
+    assert storage.read_range(str(tmp_path / "blob"), 100, 50) == data[100:150]
+    assert storage.read_range(str(tmp_path / "blob"), len(data) - 10, 50) == data[-10:]  # fewer at the end
+    with storage.open_random(str(tmp_path / "blob")) as stream:
+        stream.seek(1000)
+        assert stream.read(24) == data[1000:1024]
+
+    reader = storage.RangeReader(str(tmp_path / "blob"), window=32 << 10)
+    members = [(512 + i * 1536, 1024) for i in range(60)]  # tar-like: 1 KiB members after 512-byte headers
+    assert all(reader.read(offset, size) == data[offset:offset + size] for offset, size in members)
+    span = members[-1][0] + 1024 - members[0][0]
+    assert reader.gets == -(-span // (32 << 10)) == 3  # one GET per window, not one per member
+    reader = storage.RangeReader(str(tmp_path / "blob"), window=32 << 10)
+    backwards = list(reversed(members))
+    assert all(reader.read(offset, size) == data[offset:offset + size] for offset, size in backwards)
+    assert reader.gets == len(members) and len(reader.data) == 1024  # jumps fetch only what they ask
