@@ -25,10 +25,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hmac
 import json
+import logging
 import os
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -44,14 +43,12 @@ from kserve.protocol.infer_type import (
     InferResponse,
 )
 
+from serving.auth import TOKEN_ENV, BearerAuth
 from serving.engine import Completion, Engine
-from serving.requests import Limits, RequestError, parse_chat_request
+from serving.requests import CallBudget, Limits, RequestError, parse_chat_request
 
-TOKEN_ENV = "ONEVISION_SERVING_TOKEN"
 MAX_INSTANCES = 32  # per v1/v2 request: one HTTP call must not fill the queue for everyone else
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "stop", "seed")
-# Probes and scraping stay open: kubelet and Prometheus carry no token.
-OPEN_PATHS = re.compile(r"^/$|^/metrics$|^/v2/health/(live|ready)$|^/v2/models/[^/]+/ready$|^/v1/models/[^/:]+$")
 
 
 class OneVisionModel(kserve.Model):
@@ -92,7 +89,7 @@ class OneVisionModel(kserve.Model):
     async def _predict_v1(self, payload: Any) -> dict[str, Any]:
         if isinstance(payload, (bytes, str)):  # KServe passes the body through undecoded unless it is sent as JSON
             try:
-                payload = json.loads(payload)
+                payload = await asyncio.to_thread(json.loads, payload)  # a big body must not stall the probes
             except (ValueError, UnicodeDecodeError) as err:
                 raise RequestError(400, f"malformed JSON body: {err}") from None
         instances = payload.get("instances") if isinstance(payload, dict) else None
@@ -105,6 +102,18 @@ class OneVisionModel(kserve.Model):
     # ---- v2: BYTES "text" (+ "image") or BYTES "request" (JSON chat bodies) -------------------------
     async def _predict_v2(self, request: InferRequest) -> InferResponse:
         inputs = {i.name: i for i in request.inputs}
+        # reading the tensors and parsing JSON bodies is per byte: off the event loop, like the rest
+        bodies = await asyncio.to_thread(self._v2_bodies, request, inputs)
+        completions = await self._generate(bodies, "request" if "request" in inputs else "text")
+        n = len(completions)
+        outputs = [InferOutput("text", [n], "BYTES", [c.text for c in completions]),
+                   InferOutput("finish_reason", [n], "BYTES", [c.finish_reason for c in completions])]
+        usage = {"prompt_tokens": sum(c.prompt_tokens for c in completions),
+                 "completion_tokens": sum(c.completion_tokens for c in completions)}
+        return InferResponse(request.id or str(uuid.uuid4()), self.name, outputs, parameters=usage)
+
+    @staticmethod
+    def _v2_bodies(request: InferRequest, inputs: dict[str, InferInput]) -> list[Any]:
         params = dict(request.parameters or {})
         sampling = {k: params[k] for k in SAMPLING_KEYS if k in params}
         if "request" in inputs:
@@ -126,24 +135,19 @@ class OneVisionModel(kserve.Model):
         else:
             raise RequestError(400, f"v2 inputs must include BYTES 'text' (+ optional 'image') or 'request'; "
                                     f"got {sorted(inputs)}")
-        completions = await self._generate(bodies, "request" if "request" in inputs else "text")
-        n = len(completions)
-        outputs = [InferOutput("text", [n], "BYTES", [c.text for c in completions]),
-                   InferOutput("finish_reason", [n], "BYTES", [c.finish_reason for c in completions])]
-        usage = {"prompt_tokens": sum(c.prompt_tokens for c in completions),
-                 "completion_tokens": sum(c.completion_tokens for c in completions)}
-        return InferResponse(request.id or str(uuid.uuid4()), self.name, outputs, parameters=usage)
+        return bodies
 
     async def _generate(self, items: list[Any], where: str) -> list[Completion]:
         """Chat bodies or {"prompt", "image"} items -> completions; errors are prefixed `<where>[i]: `."""
         if len(items) > MAX_INSTANCES:
             raise RequestError(400, f"{where}: {len(items)} items, at most {MAX_INSTANCES} per request")
-        # Validate every item before queueing any, so a bad item costs no generation.
-        requests = []
+        # Validate every item before queueing any, so a bad item costs no generation; the items share one
+        # pixel budget for the call.
+        requests, call = [], CallBudget()
         for i, item in enumerate(items):
             try:
                 # in a thread: decoding images must not stall the event loop (and with it the probes)
-                requests.append(await asyncio.to_thread(parse_chat_request, _instance_body(item), self.limits))
+                requests.append(await asyncio.to_thread(parse_chat_request, _instance_body(item), self.limits, call))
             except RequestError as err:
                 raise RequestError(err.status, f"{where}[{i}]: {err.message}") from None
         return list(await asyncio.gather(*(self._engine.submit(r) for r in requests)))
@@ -196,7 +200,7 @@ def add_openai_route(app: FastAPI, model: OneVisionModel) -> None:
 
     async def chat_completions(request: Request) -> Response:
         try:
-            body = json.loads(await request.body())
+            body = await asyncio.to_thread(json.loads, await request.body())  # off the loop: bodies can be big
         except (ValueError, UnicodeDecodeError) as err:
             return _openai_error(400, f"malformed JSON body: {err}")
         if isinstance(body, dict) and body.get("model") not in (None, model.name):
@@ -267,25 +271,6 @@ async def _chain(first: list[str], rest: AsyncIterator[str]) -> AsyncIterator[st
 
 
 # ---- auth, errors, server ---------------------------------------------------------------------------
-class BearerAuth:
-    """ASGI middleware: `Authorization: Bearer <token>` on every path but probes and metrics. Pure ASGI
-    (not BaseHTTPMiddleware) so SSE responses pass through unbuffered."""
-
-    def __init__(self, app: Any, token: str):
-        self.app, self.expected = app, f"Bearer {token}".encode()
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and not OPEN_PATHS.match(scope["path"]):
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):  # constant time: no timing oracle
-                response = JSONResponse({"error": {"message": "missing or invalid bearer token",
-                                                   "type": "authentication_error", "code": 401}},
-                                        status_code=401, headers={"WWW-Authenticate": "Bearer"})
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
 async def _request_error_handler(_: Request, err: Exception) -> JSONResponse:
     assert isinstance(err, RequestError)
     # {"error": message}: KServe's own error shape, which its InferenceRESTClient reports.
@@ -300,17 +285,36 @@ def install(app: FastAPI, model: OneVisionModel, token: str | None = None) -> No
         app.add_middleware(BearerAuth, token=token)
 
 
-class _HostModelServer(kserve.ModelServer):
-    """kserve.ModelServer whose REST server binds `host` instead of the hard-coded 0.0.0.0."""
+class _NotOurOpenAIRoute(logging.Filter):
+    """Drops KServe's "OpenAI endpoints not registered" (its vllm-backed routes): ours is registered."""
 
-    def __init__(self, host: str, **kwargs: Any):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "OpenAI endpoints not registered"
+
+
+class _HostModelServer(kserve.ModelServer):
+    """kserve.ModelServer whose REST server binds `host` instead of the hard-coded 0.0.0.0, and that
+    prints `announce` once it listens."""
+
+    def __init__(self, host: str, announce: str = "", **kwargs: Any):
         super().__init__(**kwargs)
-        self.host = host
+        self.host, self.announce = host, announce
 
     async def _serve(self) -> None:
         if self._rest_server is not None:  # created by start(); uvicorn reads the host when it binds
             self._rest_server.config.host = self.host
-        await super()._serve()
+        announcing = asyncio.ensure_future(self._announce())
+        try:
+            await super()._serve()
+        finally:
+            announcing.cancel()
+
+    async def _announce(self) -> None:
+        uvicorn_server = getattr(self._rest_server, "_server", None)
+        while uvicorn_server is not None and not uvicorn_server.started:
+            await asyncio.sleep(0.05)
+        if self.announce:
+            print(self.announce, flush=True)
 
 
 def serve_kserve(model_uri: str, port: int, host: str = "127.0.0.1", name: str = "onevision",
@@ -323,8 +327,11 @@ def serve_kserve(model_uri: str, port: int, host: str = "127.0.0.1", name: str =
                            timeout_s=timeout_s, limits=limits)
     model.load()
     install(app, model, token if token is not None else os.environ.get(TOKEN_ENV) or None)
+    logging.getLogger("kserve").addFilter(_NotOurOpenAIRoute())
+    announce = (f"kserve     serving {model_uri} as {name} on http://{host}:{port} "
+                f"(OpenAI base http://{host}:{port}/openai/v1; Ctrl-C stops)")
     # One worker: the engine (and its model) lives in this process; gRPC off (it would bind [::]).
-    _HostModelServer(host, http_port=port, workers=1, enable_grpc=False).start([model])
+    _HostModelServer(host, announce, http_port=port, workers=1, enable_grpc=False).start([model])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -342,12 +349,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-images", type=int, default=defaults.max_images)
     parser.add_argument("--max-media-bytes", type=int, default=defaults.max_media_bytes)
     parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    parser.add_argument("--max-text-bytes", type=int, default=None, help="default: from the model's context")
+    parser.add_argument("--max-request-pixels", type=int, default=None, help="default: from the AnyRes grid")
     parser.add_argument("--allow-s3-bucket", action="append", default=[],
                         help="repeatable; media from any other bucket is refused")
     # No --token flag: argv is visible to every user of the node; the token comes from the environment.
     args, _ = parser.parse_known_args(argv)  # tolerate KServe's own flags (e.g. --enable_docs_url)
     limits = Limits(max_images=args.max_images, max_media_bytes=args.max_media_bytes,
-                    max_new_tokens=args.max_new_tokens, allowed_s3_buckets=tuple(args.allow_s3_bucket))
+                    max_new_tokens=args.max_new_tokens, allowed_s3_buckets=tuple(args.allow_s3_bucket),
+                    max_text_bytes=args.max_text_bytes, max_request_pixels=args.max_request_pixels)
     serve_kserve(args.model, args.port, host=args.host, name=args.name, max_batch_size=args.max_batch_size,
                  max_wait_ms=args.max_wait_ms, limits=limits, timeout_s=args.timeout_s)
 

@@ -1,62 +1,107 @@
 """`onevision serve`: a model on 127.0.0.1 behind KServe or Triton, for local use and tests.
 
     onevision serve --model s3://onevision/runs/tiny/r1/stage2_ov/hf --backend kserve --port 8080
-    onevision serve --model models:/llava-onevision-tiny@champion --backend triton --port 8000
+    onevision serve --model models:/llava-onevision-tiny@champion --backend triton --port 8000 --token T
 
 `--model` is an HF checkpoint folder (local or s3://) or an MLflow registry reference
-(`models:/NAME@ALIAS` or `models:/NAME/VERSION`), resolved to its version's source URI.
+(`models:/NAME@ALIAS` or `models:/NAME/VERSION`), resolved to its version's source URI; that needs
+MLFLOW_TRACKING_URI (without it, one line says so, and no stray ./mlflow.db is created).
+
+Ports: KServe takes `port`. Triton takes `port` (HTTP), port+1 (gRPC) and port+2 (metrics); with a token
+(`--token` or $ONEVISION_SERVING_TOKEN) `port` is a bearer-token front (serving.auth_proxy), port+1 is
+tritonserver's own HTTP port, restricted to that front by a per-run secret header, and gRPC is off.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import secrets
+
+from serving.auth import TOKEN_ENV
 
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
+# Every tritonserver HTTP API except health: the front forwards them with the secret header.
+RESTRICTED_APIS = "metadata,inference,shared-memory,model-config,model-repository,statistics,trace,logging"
+FRONT_HEADER = "onevision-front-key"
 
 
 def resolve_model_uri(uri: str) -> str:
-    """An HF folder URI for a path, an s3:// prefix or a registry reference (ValueError if malformed)."""
+    """An HF folder URI for a path, an s3:// prefix or a registry reference (ValueError saying what is
+    wrong: malformed, MLFLOW_TRACKING_URI unset, or what MLflow answered)."""
     if not uri.startswith("models:/"):
         return uri
     match = _MODELS_URI.match(uri)
     if match is None:
         raise ValueError(f"{uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not tracking_uri:  # MLflow would fall back to a new sqlite ./mlflow.db, which has no models
+        raise ValueError(f"{uri}: a registry reference needs MLflow; set MLFLOW_TRACKING_URI to the tracking "
+                         "server (the local stack: eval \"$(onevision stack env)\"), or give the model's HF "
+                         "folder (a path or s3:// prefix) instead")
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient()
-    if match["alias"]:
-        version = client.get_model_version_by_alias(match["name"], match["alias"])
-    else:
-        version = client.get_model_version(match["name"], match["version"])
+    client = MlflowClient(tracking_uri)
+    try:
+        if match["alias"]:
+            version = client.get_model_version_by_alias(match["name"], match["alias"])
+        else:
+            version = client.get_model_version(match["name"], match["version"])
+    except MlflowException as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"{uri}: MLflow at {tracking_uri} cannot resolve it: {first}") from None
     return version.source
 
 
 def serve(model: str, backend: str, port: int, name: str = "onevision", max_batch_size: int = 8,
           max_wait_ms: float = 10.0, token: str | None = None) -> None:
-    """Serve until interrupted. Triton uses port (HTTP), port+1 (gRPC) and port+2 (metrics)."""
-    model_uri = resolve_model_uri(model)
+    """Serve until interrupted (see the module docstring for ports). A bad `model` or `backend` exits
+    with one line naming the problem (SystemExit), not a traceback."""
+    if backend not in ("kserve", "triton"):
+        raise SystemExit(f"serve: backend {backend!r}: expected kserve or triton")
+    try:
+        model_uri = resolve_model_uri(model)
+    except ValueError as err:
+        raise SystemExit(f"serve: {err}") from None
+    token = token or os.environ.get(TOKEN_ENV) or None
     if backend == "kserve":
         from serving.kserve_server import serve_kserve
 
         serve_kserve(model_uri, port, host="127.0.0.1", name=name, max_batch_size=max_batch_size,
                      max_wait_ms=max_wait_ms, token=token)
         return
-    if backend != "triton":
-        raise ValueError(f"backend {backend!r}: expected kserve or triton")
+    _serve_triton(model_uri, port, name, max_batch_size, max_wait_ms, token)
+
+
+def _serve_triton(model_uri: str, port: int, name: str, max_batch_size: int, max_wait_ms: float,
+                  token: str | None) -> None:
+    import contextlib
     import tempfile
     import time
 
+    from serving.auth_proxy import AuthProxy
     from serving.triton_repo import TritonServer, build_model_repository
 
-    with tempfile.TemporaryDirectory(prefix="onevision-triton-") as work:
+    with tempfile.TemporaryDirectory(prefix="onevision-triton-") as work, contextlib.ExitStack() as stack:
         build_model_repository(model_uri, f"{work}/repository", name=name, max_batch_size=max_batch_size,
                                max_queue_delay_us=int(max_wait_ms * 1000))
-        with TritonServer(f"{work}/repository", f"{work}/server", port, port + 1, port + 2) as server:
-            try:  # Ctrl-C at any point, even before ready, stops the server cleanly (the with block)
-                server.wait_ready(name)
-                print(f"triton     serving {model_uri} as {name} on http://127.0.0.1:{port} (Ctrl-C stops)",
-                      flush=True)
-                while server.process is not None and server.process.poll() is None:
-                    time.sleep(1)
-            except KeyboardInterrupt:
-                pass
+        if token:
+            secret = secrets.token_urlsafe(32)
+            server = TritonServer(f"{work}/repository", f"{work}/server", port + 1, None, port + 2,
+                                  extra_args=(f"--http-restricted-api={RESTRICTED_APIS}:{FRONT_HEADER}={secret}",))
+        else:
+            server = TritonServer(f"{work}/repository", f"{work}/server", port, port + 1, port + 2)
+        stack.enter_context(server)
+        try:  # Ctrl-C at any point, even before ready, stops the server cleanly (the with block)
+            server.wait_ready(name)
+            auth = "no token"
+            if token:
+                stack.enter_context(AuthProxy(server.url, token, port, upstream_headers={FRONT_HEADER: secret}))
+                auth = "bearer token required; gRPC off"
+            print(f"triton     serving {model_uri} as {name} on http://127.0.0.1:{port} ({auth}; Ctrl-C stops)",
+                  flush=True)
+            while server.process is not None and server.process.poll() is None:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass

@@ -4,6 +4,7 @@
     wait_ready("127.0.0.1:8000", model="onevision", timeout_s=60)
     text = chat("127.0.0.1:8000", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8})
     texts = chat_many("127.0.0.1:8000", [body1, body2, ...], concurrency=4)   # in flight together
+    chat("127.0.0.1:8000", body, token="T")     # a server started with --token (Authorization: Bearer T)
 
 The body is an OpenAI chat body (serving.requests); it travels as UTF-8 JSON in the REQUEST string
 tensor, the answer comes back in TEXT. A refused request raises TritonChatError with the HTTP status
@@ -66,22 +67,27 @@ def client(url: str, concurrency: int = 1, timeout_s: float = 120.0) -> httpclie
                                             network_timeout=timeout_s)
 
 
-def chat(url: str, body: dict[str, Any] | str, model: str = "onevision", timeout_s: float = 120.0) -> str:
+def _auth(token: str | None) -> dict[str, str] | None:
+    return {"Authorization": f"Bearer {token}"} if token else None
+
+
+def chat(url: str, body: dict[str, Any] | str, model: str = "onevision", timeout_s: float = 120.0,
+         token: str | None = None) -> str:
     """The completion text for one chat body (a dict, or its JSON text)."""
     with client(url, timeout_s=timeout_s) as conn:
         try:
-            result = conn.infer(model, _inputs(body), outputs=_outputs())
+            result = conn.infer(model, _inputs(body), outputs=_outputs(), headers=_auth(token))
         except InferenceServerException as err:
             raise _error(err) from None
     return _text(result)
 
 
 def chat_many(url: str, bodies: Sequence[dict[str, Any] | str], model: str = "onevision", concurrency: int = 8,
-              timeout_s: float = 120.0) -> list[str | TritonChatError]:
+              timeout_s: float = 120.0, token: str | None = None) -> list[str | TritonChatError]:
     """Send all bodies at once (up to `concurrency` in flight) so Triton can batch them; per body the
     text, or the TritonChatError it got (one refusal does not hide the other answers)."""
     with client(url, concurrency=max(1, concurrency), timeout_s=timeout_s) as conn:
-        pending = [conn.async_infer(model, _inputs(b), outputs=_outputs()) for b in bodies]
+        pending = [conn.async_infer(model, _inputs(b), outputs=_outputs(), headers=_auth(token)) for b in bodies]
         answers: list[str | TritonChatError] = []
         for handle in pending:
             try:

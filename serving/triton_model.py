@@ -39,13 +39,20 @@ import numpy as np
 import triton_python_backend_utils as pb_utils  # provided by the stub at run time
 
 from serving.engine import Engine
-from serving.requests import GenerationRequest, Limits, RequestError, parse_chat_request
+from serving.requests import (
+    CallBudget,
+    GenerationRequest,
+    Limits,
+    RequestError,
+    parse_chat_request,
+)
 
 INPUT, OUTPUT = "REQUEST", "TEXT"
 
 
 def _error(status: int, message: str) -> Any:
-    """A per-request error; Triton's HTTP front end answers INVALID_ARG 400, NOT_FOUND 404, INTERNAL 500."""
+    """A per-request error; Triton's HTTP front end answers INVALID_ARG 400, NOT_FOUND 404, INTERNAL 500.
+    It has no code for 413: an over-budget request is a 400 here, with the same message as KServe's 413."""
     codes = pb_utils.TritonError
     code = {400: "INVALID_ARG", 404: "NOT_FOUND", 413: "INVALID_ARG", 422: "INVALID_ARG",
             503: "UNAVAILABLE"}.get(status, "INTERNAL")
@@ -97,9 +104,9 @@ class TritonPythonModel:
         tensor = pb_utils.get_input_tensor_by_name(request, INPUT)
         if tensor is None:
             raise RequestError(400, f"input {INPUT} is missing")
-        rows = []
+        rows, call = [], CallBudget()  # the rows of one request share the per-call pixel budget
         for raw in tensor.as_numpy().reshape(-1):
-            generation = parse_chat_request(_body(raw), self.engine.limits)
+            generation = parse_chat_request(_body(raw), self.engine.limits, call)
             if generation.stream:
                 raise RequestError(400, "stream: true is not supported by the Triton model; use the KServe "
                                         "OpenAI route to stream")

@@ -202,16 +202,17 @@ def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def server_command(repository: str | os.PathLike[str], backends: str | os.PathLike[str], http_port: int,
-                   grpc_port: int, metrics_port: int, address: str = "127.0.0.1",
+                   grpc_port: int | None, metrics_port: int, address: str = "127.0.0.1",
                    extra_args: tuple[str, ...] = ()) -> list[str]:
-    """The tritonserver command line: every port bound to `address`, one shm prefix per server."""
+    """The tritonserver command line: every port bound to `address`, one shm prefix per server; no gRPC
+    when `grpc_port` is None."""
     shm_prefix = f"onevision{os.getpid()}-{uuid.uuid4().hex[:8]}-"
+    grpc = ["--allow-grpc=false"] if grpc_port is None else [f"--grpc-address={address}", f"--grpc-port={grpc_port}"]
     return [str(tritonserver_dist() / "bin" / "tritonserver"),
             f"--model-repository={Path(repository).resolve()}",
             f"--backend-directory={Path(backends).resolve()}",
             f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
-            f"--http-address={address}", f"--http-port={http_port}",
-            f"--grpc-address={address}", f"--grpc-port={grpc_port}",
+            f"--http-address={address}", f"--http-port={http_port}", *grpc,
             f"--metrics-address={address}", f"--metrics-port={metrics_port}",
             "--allow-gpu-metrics=false", "--exit-timeout-secs=10", *extra_args]
 
@@ -220,7 +221,7 @@ class TritonServer:
     """A tritonserver subprocess serving `repository` (context manager; the log goes to work_dir)."""
 
     def __init__(self, repository: str | os.PathLike[str], work_dir: str | os.PathLike[str], http_port: int,
-                 grpc_port: int, metrics_port: int, address: str = "127.0.0.1", extra_args: tuple[str, ...] = (),
+                 grpc_port: int | None, metrics_port: int, address: str = "127.0.0.1", extra_args: tuple[str, ...] = (),
                  env: dict[str, str] | None = None):
         self.repository, self.work_dir = Path(repository), Path(work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@ by a real tritonserver started by the CLI on 127.0.0.1, answering like the in-pr
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -49,3 +50,16 @@ def test_serve_a_registered_champion_with_triton(local_stack, tmp_path: Path, ti
         server.send_signal(signal.SIGINT)
         out, _ = server.communicate(timeout=60)
     assert server.returncode == 0, out.decode()[-2000:]
+
+
+def test_a_registry_reference_without_mlflow_says_what_to_set(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    cli = Path(sys.executable).parent / "onevision"
+    done = subprocess.run([str(cli), "serve", "--model", "models:/tiny@champion", "--port", str(free_port_block(1))],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 1, done
+    expected = ('serve: models:/tiny@champion: a registry reference needs MLflow; set MLFLOW_TRACKING_URI to the '
+                'tracking server (the local stack: eval "$(onevision stack env)"), or give the model\'s HF folder '
+                '(a path or s3:// prefix) instead')
+    assert done.stderr.strip().splitlines() == [expected], done.stderr
+    assert list(tmp_path.iterdir()) == []  # no stray mlflow.db

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,18 +68,15 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_recipe: Any) -> Pat
     return path
 
 
-@pytest.fixture(scope="module")
-def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    port = free_port_block(1)
-    log = tmp_path_factory.mktemp("kserve") / "server.log"
-    env = {**os.environ, "ONEVISION_SERVING_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "serving.kserve_server", "--model", str(model_dir), "--port", str(port),
-           "--max-images", str(MAX_IMAGES), "--max-media-bytes", str(MAX_MEDIA_BYTES), "--max-new-tokens", "64"]
+@contextmanager
+def running(cmd: list[str], url: str, log: Path, env: dict[str, str] | None = None,
+            timeout_s: float = 120) -> Iterator[subprocess.Popen[bytes]]:
+    """A server subprocess (output to `log`), yielded once `url`/v2/health/ready answers 200; SIGTERM after."""
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+        proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+                                stdout=out, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + timeout_s
         while True:
             if proc.poll() is not None:
                 raise AssertionError(f"server exited {proc.returncode}:\n{log.read_text()[-4000:]}")
@@ -88,16 +86,27 @@ def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                raise AssertionError(f"server not ready in 120 s:\n{log.read_text()[-4000:]}")
+                raise AssertionError(f"server not ready in {timeout_s:.0f} s:\n{log.read_text()[-4000:]}")
             time.sleep(0.25)
-        yield Server(url, proc.pid, log)
+        yield proc
     finally:
         proc.terminate()
         try:
-            proc.wait(20)
+            proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    port = free_port_block(1)
+    log = tmp_path_factory.mktemp("kserve") / "server.log"
+    cmd = [sys.executable, "-m", "serving.kserve_server", "--model", str(model_dir), "--port", str(port),
+           "--max-images", str(MAX_IMAGES), "--max-media-bytes", str(MAX_MEDIA_BYTES), "--max-new-tokens", "64"]
+    url = f"http://127.0.0.1:{port}"
+    with running(cmd, url, log, env={"ONEVISION_SERVING_TOKEN": TOKEN}) as proc:
+        yield Server(url, proc.pid, log)
 
 
 def _chat_body(**extra: Any) -> dict[str, Any]:
