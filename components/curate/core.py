@@ -31,6 +31,7 @@ import itertools
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -333,6 +334,10 @@ def run(recipe_uri: str, stage: str, out_uri: str, workers: int | None = None,
     withdrawn and curated again. With `mlflow_parent`, logs counts, throughput and the data card (JSON +
     Markdown) to a nested run `curate_<stage>` under that pipeline run.
     """
+    scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", out_uri)
+    if scheme and scheme.group(1) != "s3":
+        raise CurationError(f"{out_uri}: curation publishes to a local path or s3://bucket/prefix, "
+                            f"not {scheme.group(1)}://")
     recipe = load_recipe(recipe_uri)
     expected = data_recipe_hash(recipe, stage)
     published = published_summary(out_uri)
