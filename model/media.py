@@ -22,6 +22,7 @@ from PIL import Image, ImageOps
 
 MAX_IMAGE_PIXELS = 64_000_000  # ~8000x8000: larger is a decompression bomb or a mistake, not training data
 MAX_VIDEO_BYTES = 2 << 30
+MAX_VIDEO_DECODED_PIXELS = 1 << 34  # ~17 G pixels: 1080p x 8,000 frames (4.5 min at 30 fps) decoded to sample
 
 
 class MediaError(ValueError):
@@ -120,10 +121,45 @@ def uniform_indices(total: int, num_frames: int) -> np.ndarray:
     return np.linspace(0, total - 1, num_frames).round().astype(int)
 
 
-def load_video(path: str | os.PathLike[str], num_frames: int, data: bytes | None = None) -> np.ndarray:
+def _video_frames(source: str | bytes) -> tuple[int, int, int]:
+    """(frames, width, height) of the first video stream from its header, without decoding a frame;
+    frames are counted by demuxing packets when the header does not say (GIF, some WebM)."""
+    import av
+
+    with av.open(io.BytesIO(source) if isinstance(source, bytes) else source) as container:
+        stream = container.streams.video[0]  # IndexError: no video stream
+        width, height = stream.codec_context.width, stream.codec_context.height
+        frames = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
+    return frames, width, height
+
+
+def _decode_frames(source: str | bytes, wanted: np.ndarray, path: str, max_decoded_pixels: int
+                   ) -> tuple[dict[int, np.ndarray], int]:
+    """({index: frame} for the indices in `wanted`, frames decoded); stops after the last wanted one."""
+    import av
+
+    kept: dict[int, np.ndarray] = {}
+    targets, decoded, pixels = set(wanted.tolist()), 0, 0
+    with av.open(io.BytesIO(source) if isinstance(source, bytes) else source) as container:
+        for decoded, frame in enumerate(container.decode(video=0), start=1):
+            pixels += frame.width * frame.height  # the header may lie: the budget holds for what is decoded
+            if frame.width * frame.height > MAX_IMAGE_PIXELS or pixels > max_decoded_pixels:
+                raise MediaError(f"{path}: decoding passed {max_decoded_pixels} pixels at frame {decoded}")
+            if decoded - 1 in targets:
+                kept[decoded - 1] = frame.to_ndarray(format="rgb24")
+            if decoded > wanted[-1]:
+                break
+    return kept, decoded
+
+
+def load_video(path: str | os.PathLike[str], num_frames: int, data: bytes | None = None,
+               max_decoded_pixels: int = MAX_VIDEO_DECODED_PIXELS) -> np.ndarray:
     """Decode and uniformly sample exactly `num_frames` RGB frames: (T, H, W, 3) uint8.
 
-    With `data`, decode those bytes (a shard member) and use `path` only in messages.
+    With `data`, decode those bytes (a shard member) and use `path` only in messages. The frame count
+    and size come from the header first: frames over MAX_IMAGE_PIXELS, or more than `max_decoded_pixels`
+    pixels to decode in all, are refused before decoding. Only the sampled frames are kept, so memory is
+    `num_frames` frames however long the video.
     """
     import av
 
@@ -134,11 +170,24 @@ def load_video(path: str | os.PathLike[str], num_frames: int, data: bytes | None
             raise MediaError(f"{path}: larger than {MAX_VIDEO_BYTES} bytes")
     elif len(data) > MAX_VIDEO_BYTES:
         raise MediaError(f"{path}: larger than {MAX_VIDEO_BYTES} bytes")
+    source = data if data is not None else str(path)
     try:
-        with av.open(io.BytesIO(data) if data is not None else str(path)) as container:
-            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+        total, width, height = _video_frames(source)
+        if width * height > MAX_IMAGE_PIXELS:
+            raise MediaError(f"{path}: {width}x{height} frames exceed {MAX_IMAGE_PIXELS} pixels")
+        if total * width * height > max_decoded_pixels:
+            raise MediaError(f"{path}: {total} frames of {width}x{height} exceed {max_decoded_pixels} pixels "
+                             "to decode")
+        total = max(total, 1)  # a header that counts none: decode what is there
+        kept, decoded = _decode_frames(source, uniform_indices(total, num_frames), str(path),
+                                       max_decoded_pixels)
+        if decoded and decoded < total:  # the header counted frames that are not there: sample what is
+            total = decoded
+            kept, decoded = _decode_frames(source, uniform_indices(total, num_frames), str(path), max_decoded_pixels)
     except (av.error.FFmpegError, ValueError, IndexError) as err:
+        if isinstance(err, MediaError):
+            raise
         raise MediaError(f"{path}: not a decodable video ({describe_error(err)})") from None
-    if not frames:
+    if not kept:
         raise MediaError(f"{path}: video has no frames")
-    return np.stack([frames[i] for i in uniform_indices(len(frames), num_frames)])
+    return np.stack([kept[i] for i in uniform_indices(total, num_frames)])

@@ -254,7 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--name", default="onevision", help="model name in the routes")
     serve.add_argument("--max-batch-size", type=int, default=8)
     serve.add_argument("--max-wait-ms", type=float, default=10.0, help="dynamic batching queue delay")
-    serve.add_argument("--token", default=None, help="bearer token required by the routes (local runs)")
+    serve.add_argument("--token", default=None,
+                       help="bearer token required by the routes (Triton: through an authenticating front on "
+                            "PORT, tritonserver on PORT+1, gRPC off); $ONEVISION_SERVING_TOKEN keeps it out of "
+                            "the process list")
     serve.set_defaults(handler=_serve)
 
     gitops = os.environ.get("ONEVISION_GITOPS_REPO")

@@ -49,6 +49,7 @@ class Limits:
     max_new_tokens: int = 512
     allowed_s3_buckets: tuple[str, ...] = ()
     video_frames: int = 8
+    max_video_pixels: int = 1 << 32  # frames x pixels decoded to sample one video: 1080p x ~2,000 frames (70 s)
     # None: derived from the model by the Engine (serving.budgets); serving.budgets.DEFAULTS without one
     max_text_bytes: int | None = None  # UTF-8 bytes of all text parts, checked before tokenizing
     max_messages: int | None = None
@@ -172,7 +173,7 @@ def parse_chat_request(body: Any, limits: Limits, call: CallBudget | None = None
                 else:
                     name = f"vid{len(videos)}.mp4"
                     try:
-                        load_video(name, limits.video_frames, data=data)
+                        load_video(name, limits.video_frames, data=data, max_decoded_pixels=limits.max_video_pixels)
                     except MediaError as err:
                         raise RequestError(400, f"{where}.content[{j}]: not a usable video ({err})") from None
                     videos.append(name)

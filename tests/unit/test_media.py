@@ -81,3 +81,43 @@ def test_video_uniform_sampling(media_dir) -> None:
     assert list(media.uniform_indices(2, 4)) == [0, 0, 1, 1]  # short videos repeat frames to stack
     with pytest.raises(media.MediaError, match="not a decodable video"):
         media.load_video("x.mp4", 4, data=b"\x00" * 100)
+
+
+def _long_video(path, frames: int, size: tuple[int, int] = (320, 240)) -> None:
+    import av
+
+    container = av.open(str(path), "w")
+    stream = container.add_stream("mpeg4", rate=30)
+    stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+    for k in range(frames):
+        frame = np.full((size[1], size[0], 3), k % 250, np.uint8)
+        for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+    container.close()
+
+
+def test_a_long_video_keeps_only_its_sampled_frames_and_a_huge_one_is_refused_before_decoding(tmp_path) -> None:
+    import tracemalloc
+
+    _long_video(tmp_path / "long.mp4", 600)  # 600 decoded frames would be 138 MB of RGB
+    tracemalloc.start()
+    frames = media.load_video(tmp_path / "long.mp4", num_frames=8)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert frames.shape == (8, 240, 320, 3) and peak < 20 << 20, peak  # 8 frames (1.8 MB) and decoder buffers
+    greys = [k % 250 for k in media.uniform_indices(600, 8)]  # each frame's grey level is its index mod 250
+    assert all(abs(int(f[0, 0, 0]) - g) <= 3 for f, g in zip(frames, greys)), [int(f[0, 0, 0]) for f in frames]
+
+    with pytest.raises(media.MediaError, match=r"long.mp4: 600 frames of 320x240 exceed 1000000 pixels to decode"):
+        media.load_video(tmp_path / "long.mp4", num_frames=8, max_decoded_pixels=1_000_000)
+
+
+def test_an_animated_gif_is_sampled_like_a_video(tmp_path) -> None:
+    colours = [(40 * k, 0, 0) for k in range(6)]
+    frames = [Image.new("RGB", (16, 12), c) for c in colours]
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    out = media.load_video(tmp_path / "a.gif", num_frames=3)  # GIF headers carry no frame count: demuxed
+    assert out.shape == (3, 12, 16, 3)
+    assert [int(f[6, 8, 0]) for f in out] == [colours[i][0] for i in media.uniform_indices(6, 3)]

@@ -185,6 +185,12 @@ def test_decompression_bomb_is_too_large_from_its_header() -> None:
              limits=Limits(max_media_bytes=1 << 20))
 
 
+def test_a_video_with_too_many_pixels_to_decode_is_refused_from_its_header(media_dir) -> None:
+    clip = {"type": "video_url", "video_url": {"url": _data_url((media_dir / "clip.mp4").read_bytes(), "video/mp4")}}
+    _refused(_user(clip), 400, "not a usable video", "12 frames of 64x48 exceed 30000 pixels to decode",
+             limits=Limits(max_video_pixels=30_000))  # the clip is 12 x 3,072 = 36,864 pixels
+
+
 def test_not_a_video() -> None:
     _refused(_user({"type": "video_url", "video_url": {"url": _data_url(b"not a video", "video/mp4")}}),
              400, "messages[0].content[0]", "not a usable video")
