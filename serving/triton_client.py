@@ -9,7 +9,7 @@
 The body is an OpenAI chat body (serving.requests); it travels as UTF-8 JSON in the REQUEST string
 tensor, the answer comes back in TEXT. A refused request raises TritonChatError with the HTTP status
 (400 for a bad request) and the server's message. tritonclient.http, not .grpc: the gRPC client's
-protos clash with KServe's in one process (../shared/STACK_NOTES.md).
+protos clash with KServe's in one process (duplicate proto symbol `inference.ServerLiveRequest`).
 """
 
 from __future__ import annotations
