@@ -299,14 +299,19 @@ def make_figures(results: list[dict[str, Any]], out_dir: Path, stem: str) -> dic
 def write_report(results: list[dict[str, Any]], out_dir: str | Path, date: str | None = None,
                  machine: dict[str, Any] | None = None, mode: str = "full", wall_s: float | None = None,
                  plots: bool = True) -> dict[str, Path]:
-    """Write <out_dir>/<date>.json, <date>.md and the figures; returns their paths."""
+    """Write <out_dir>/<date>.json, <date>.md and the figures; returns their paths. A report from a dirty
+    tree (or one whose state is unknown) is `<date>-DIRTY.*`, with DIRTY first in its title line."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = date or dt.date.today().isoformat()
     machine = machine if machine is not None else machine_details()
+    title = f"Benchmark report {stem}"
+    if machine.get("git_dirty") is not False:  # no clean commit can reproduce it: say so first, name it apart
+        stem += "-DIRTY"
+        title = f"DIRTY: {title}, from a tree with uncommitted changes (not a reference; no commit reproduces it)"
     normalised = [normalise(r) for r in results]
     figures = make_figures(normalised, out, stem) if plots else {}
-    markdown = render_markdown(normalised, machine, figures, title=f"Benchmark report {stem}", mode=mode, wall_s=wall_s)
+    markdown = render_markdown(normalised, machine, figures, title=title, mode=mode, wall_s=wall_s)
     doc = {"date": stem, "mode": mode, "wall_s": wall_s, "machine": machine, "figures": figures,
            "benchmarks": normalised}
     paths = {"json": out / f"{stem}.json", "markdown": out / f"{stem}.md"}

@@ -3,6 +3,10 @@
     .venv/bin/python -m benchmarks.run_all                     # all: benchmarks/results/<date>.json, .md, *.png
     .venv/bin/python -m benchmarks.run_all --quick             # small settings, minutes
     .venv/bin/python -m benchmarks.run_all --only serving training --out-dir /tmp/bench
+    .venv/bin/python -m benchmarks.run_all --quick --allow-dirty   # while editing: <date>-DIRTY.md, marked so
+
+A committed report comes from a clean commit: on a tree with uncommitted changes run_all refuses (exit 2)
+unless --allow-dirty, and then the report is named <date>-DIRTY and says so in its title line.
 
 Each benchmark module exposes `run(quick: bool) -> dict` (the protocol in benchmarks/README.md and
 benchmarks/report.py). It runs in a child process (`python -m benchmarks.run_all --child NAME`), so a
@@ -124,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", default=str(RESULTS), help="where the report goes")
     parser.add_argument("--date", default=None, help="report file stem (default: today, YYYY-MM-DD)")
     parser.add_argument("--timeout-scale", type=float, default=1.0, help="multiply every benchmark's timeout")
+    parser.add_argument("--allow-dirty", action="store_true",
+                        help="run on a tree with uncommitted changes; the report is then <date>-DIRTY, marked so")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -132,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
 
     began = time.perf_counter()
     machine = machine_details()
+    if machine.get("git_dirty") is not False and not args.allow_dirty:
+        print("make bench: the tree has uncommitted changes (or is not a git checkout), so no commit could "
+              "reproduce this report. Commit first, or pass --allow-dirty for a report marked DIRTY.",
+              file=sys.stderr)
+        return 2
     has_gpu = bool(machine["gpus"])
     logs = Path(tempfile.mkdtemp(prefix="bench-logs-"))
     selected = [b for b in BENCHMARKS if not args.only or b["name"] in args.only]

@@ -275,7 +275,6 @@ def _curate_into(recipe: Recipe, stage_name: str, out: str, work: Path, staging:
                          max_bytes=recipe.curation.shard_max_bytes)
         finally:
             quarantine.close()
-        seconds = time.perf_counter() - started
         card = stats.card(stage_name, recipe.name, recipe.hash(), data_recipe_hash(recipe, stage_name),
                           _shard_table(staging))
         for source in card["sources"]:  # the invariant the quarantine promises; a bug here must not publish
@@ -286,6 +285,7 @@ def _curate_into(recipe: Recipe, stage_name: str, out: str, work: Path, staging:
         (staging / "data_card.md").write_text(render_markdown(card))
         publishing = True
         storage.publish_dir(staging, out, metadata=dict(card["totals"], stage=stage_name))
+        seconds = time.perf_counter() - started  # the whole stage: read, check, write, card, publish
     except BaseException as err:
         # a failed attempt leaves nothing behind: its staged shards would keep a full disk full for the retry
         if publishing and isinstance(err, OSError):

@@ -102,3 +102,21 @@ def test_write_report_files_and_figures(tmp_path: Path) -> None:
         assert (tmp_path / figure).stat().st_size > 1000
         assert f"]({figure})" in markdown
     assert "pipeline" not in doc["figures"]  # a failed benchmark has no figure
+
+
+def test_a_report_from_a_dirty_tree_is_named_and_titled_dirty(tmp_path: Path) -> None:
+    for dirty in (True, None):  # uncommitted changes, or no git to tell
+        paths = write_report(fake_results(), tmp_path, date="2026-12-03", machine={**MACHINE, "git_dirty": dirty},
+                             plots=False)
+        assert paths["markdown"] == tmp_path / "2026-12-03-DIRTY.md"
+        assert paths["markdown"].read_text().startswith("# DIRTY: Benchmark report 2026-12-03")
+    assert not (tmp_path / "2026-12-03.md").exists()  # never where a clean report goes
+
+
+def test_make_bench_refuses_a_dirty_tree_unless_allowed(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from benchmarks import run_all
+
+    monkeypatch.setattr(run_all, "machine_details", lambda: {**MACHINE, "git_dirty": True})
+    monkeypatch.setattr(run_all, "run_one", lambda *a, **k: pytest.fail("a benchmark ran on a dirty tree"))
+    assert run_all.main([]) == 2
+    assert "uncommitted changes" in capsys.readouterr().err
