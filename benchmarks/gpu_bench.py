@@ -191,7 +191,7 @@ def matmul_flops(device: Any, dtype: Any, n: int, repeats: int = 20) -> float:
 def bench_training(shape: str, layers: int, args: argparse.Namespace, device: Any, settings: dict) -> dict[str, Any]:
     import torch
 
-    from model.metrics import device_peak_flops
+    from model.metrics import device_peak_flops, unknown_peak_reason
     from model.train import apply_trainable_parts
 
     recipe, stage = stage_of(shape, args.stage)
@@ -236,7 +236,8 @@ def bench_training(shape: str, layers: int, args: argparse.Namespace, device: An
         "vision_tokens_per_step": vision_tokens, "median_step_s": round(seconds, 4),
         "step_s": [round(t, 4) for t in timings], "tokens_per_s": round(llm_tokens / seconds, 1),
         "model_flops_per_s": flops / seconds, "peak_flops": device_peak_flops(),
-        "mfu": round(flops / seconds / device_peak_flops(), 4),
+        "mfu": round(flops / seconds / device_peak_flops(), 4) if device_peak_flops() else None,
+        "mfu_refused": unknown_peak_reason(),
         "peak_memory_gb": round(peak_mem, 2) if peak_mem is not None else None, "final_loss": round(float(loss.detach()), 4),
     }
     del model, optimizer, inputs
@@ -300,7 +301,7 @@ def bench_serving(args: argparse.Namespace, device: Any, settings: dict) -> dict
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from model.metrics import device_peak_flops
+    from model.metrics import device_peak_flops, unknown_peak_reason
 
     if not args.cpu_smoke:
         fail_without_gpu()
@@ -309,14 +310,17 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     began = time.perf_counter()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     matmul = matmul_flops(device, dtype, 256 if args.cpu_smoke else 8192)
-    print(f"matmul: {matmul / 1e12:.3g} TFLOP/s measured, spec peak {device_peak_flops() / 1e12:.3g}", flush=True)
+    peak = device_peak_flops()
+    print(f"matmul: {matmul / 1e12:.3g} TFLOP/s measured, spec peak "
+          + (f"{peak / 1e12:.3g}" if peak else f"unknown ({unknown_peak_reason()})"), flush=True)
     training = []
     for shape in args.shapes:
         layers = TINY["layers"] if args.cpu_smoke else args.layers_7b if shape == "7b" else SHAPES[shape]["full_layers"]
         got = bench_training(shape, layers, args, device, settings)
         got["ratio_vs_matmul"] = round(got["model_flops_per_s"] / matmul, 3)
         training.append(got)
-        print(f"training {shape}: {got['tokens_per_s']:.0f} tokens/s, MFU {got['mfu']:.3f}, "
+        mfu = f"MFU {got['mfu']:.3f}" if got["mfu"] is not None else "MFU not computed (unknown device peak)"
+        print(f"training {shape}: {got['tokens_per_s']:.0f} tokens/s, {mfu}, "
               f"{got['ratio_vs_matmul']:.2f} of measured matmul, peak {got['peak_memory_gb']} GB", flush=True)
     serving = bench_serving(args, device, settings) if not args.no_serving else None
     return {
@@ -332,11 +336,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 def to_protocol(raw: dict[str, Any]) -> dict[str, Any]:
     rows = []
     for t in raw["training"]:
-        label = f"train {t['shape']}" + (f" ({t['llm_layers']} of {t['llm_layers_full_model']} layers)"
+        label = f"train {t['shape']}" + (f" (LLM cut to {t['llm_layers']} of {t['llm_layers_full_model']} layers)"
                                          if t["llm_layers"] != t["llm_layers_full_model"] else "")
         rows.append({"label": label, "ours": t["model_flops_per_s"] / 1e12, "baseline": raw["matmul_flops_per_s"] / 1e12,
-                     "unit": "TFLOP/s", "notes": f"{t['tokens_per_s']:.0f} tokens/s, MFU {t['mfu']:.3f} of the "
-                                                 f"{t['peak_flops'] / 1e12:.0f} TFLOP/s spec peak, {t['peak_memory_gb']} GB"})
+                     "unit": "TFLOP/s", "notes": f"{t['tokens_per_s']:.0f} tokens/s, "
+                     + (f"MFU {t['mfu']:.3f} of the {t['peak_flops'] / 1e12:.0f} TFLOP/s spec peak"
+                        if t["mfu"] is not None else f"MFU refused: {t['mfu_refused']}")
+                     + f", {t['peak_memory_gb']} GB"})
     serving = raw.get("serving") or {"results": {}}
     levels = [int(k.split("_")[1]) for k in serving["results"]]
     for c, r in zip(levels, serving["results"].values(), strict=True):

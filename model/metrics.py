@@ -32,13 +32,25 @@ GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
 ORDER = ("vision_tower", "projector", "language_model")
 
 
-def device_peak_flops() -> float:
-    """Dense peak of one device: ONEVISION_PEAK_FLOPS, a GPU table (bf16), or cores x GHz x 32 (fp32 FMA)."""
+def unknown_peak_reason() -> str | None:
+    """Why no MFU can be given on this device (a GPU missing from GPU_PEAK_BF16, no override), else None."""
+    if os.environ.get("ONEVISION_PEAK_FLOPS") or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    if any(key in name for key in GPU_PEAK_BF16):
+        return None
+    return (f"no dense bf16 peak known for {name!r} (model.metrics.GPU_PEAK_BF16 has {sorted(GPU_PEAK_BF16)}): "
+            "MFU not computed; set ONEVISION_PEAK_FLOPS to the device's dense bf16 FLOP/s to get it")
+
+
+def device_peak_flops() -> float | None:
+    """Dense peak of one device: ONEVISION_PEAK_FLOPS, a GPU table (bf16), or cores x GHz x 32 (fp32 FMA).
+    None for a GPU the table does not know: another device's peak would give a wrong MFU silently."""
     if override := os.environ.get("ONEVISION_PEAK_FLOPS"):
         return float(override)
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
-        return next((peak for key, peak in GPU_PEAK_BF16.items() if key in name), 989e12)
+        return next((peak for key, peak in GPU_PEAK_BF16.items() if key in name), None)
     mhz = 2500.0
     try:
         mhz = max(float(line.split(":")[1]) for line in open("/proc/cpuinfo") if line.startswith("cpu MHz"))
@@ -75,7 +87,10 @@ class StageTracker:
             self.params[part_of(name)] += numel(param)
         self.factors = flops_per_token_factor(set(stage.trainable))
         self.tokens_per_tile = recipe.model.tokens_per_tile
-        self.peak = device_peak_flops() * int(os.environ.get("WORLD_SIZE", "1"))
+        peak = device_peak_flops()
+        self.peak = peak * int(os.environ.get("WORLD_SIZE", "1")) if peak else None
+        if self.peak is None and is_main:
+            print(f"[metrics] {unknown_peak_reason()}", flush=True)
         self.vision_tokens = 0  # since the last log, counted by count_batch
         self.text_tokens = 0
         self.step_started = time.perf_counter()
@@ -138,8 +153,9 @@ class StageTracker:
                 row = {"loss": logs["loss"], "grad_norm": logs.get("grad_norm", float("nan")),
                        "samples_per_s": tracker.stage.global_batch_size * args.logging_steps / elapsed,
                        "tokens_per_s": tracker.text_tokens * world / elapsed,
-                       "mfu": flops * world / elapsed / tracker.peak,
                        "peak_memory_gb": peak_memory_bytes() / 1e9}
+                if tracker.peak:  # no MFU on a device whose peak is unknown
+                    row["mfu"] = flops * world / elapsed / tracker.peak
                 for group in (optimizer.param_groups if optimizer is not None else []):
                     row[f"lr_{group.get('name', 'group')}"] = group["lr"]
                 logs.update({k: v for k, v in row.items() if k not in logs})

@@ -120,3 +120,19 @@ def test_make_bench_refuses_a_dirty_tree_unless_allowed(monkeypatch: pytest.Monk
     monkeypatch.setattr(run_all, "run_one", lambda *a, **k: pytest.fail("a benchmark ran on a dirty tree"))
     assert run_all.main([]) == 2
     assert "uncommitted changes" in capsys.readouterr().err
+
+
+def test_mfu_is_refused_on_a_gpu_whose_peak_is_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from model import metrics
+
+    monkeypatch.delenv("ONEVISION_PEAK_FLOPS", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    assert metrics.device_peak_flops() == 989e12 and metrics.unknown_peak_reason() is None
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA B200")
+    assert metrics.device_peak_flops() is None  # never the H100's peak for a device the table does not know
+    assert "no dense bf16 peak known for 'NVIDIA B200'" in metrics.unknown_peak_reason()
+    monkeypatch.setenv("ONEVISION_PEAK_FLOPS", "2.25e15")
+    assert metrics.device_peak_flops() == 2.25e15 and metrics.unknown_peak_reason() is None
