@@ -95,7 +95,8 @@ def flatten_params(tree: Any, prefix: str = "") -> dict[str, str]:
 
 
 def git_commit(cwd: str | os.PathLike[str] | None = None) -> str:
-    """The commit the code runs from: ONEVISION_GIT_COMMIT (set in the image build) or `git rev-parse`."""
+    """The commit the code runs from: ONEVISION_GIT_COMMIT (the project image sets it from its build argument,
+    infra/images/Dockerfile: a pod has no .git) or `git rev-parse HEAD` in a checkout; else "unknown"."""
     if commit := os.environ.get("ONEVISION_GIT_COMMIT"):
         return commit
     try:

@@ -6,10 +6,17 @@ stack installed with constraints.txt before the sources are copied, the project 
 user, no secret-looking ENV/ARG, every COPY source present and let through by .dockerignore. Then: the
 image is named only by components.PROJECT_IMAGE (and serving.manifests.TRITON_IMAGE, derived from it),
 whose tag is the project version, and every file in the repository that spells an image out agrees.
+Last, what the images must provide: every executable our code starts (read from its subprocess calls) and
+every command our manifests run, against what the Dockerfile installs; and the commit build argument that
+the lineage tag needs in a pod.
+
+    .venv/bin/python -m pytest tests/unit/test_images.py
 """
 
 from __future__ import annotations
 
+import ast
+import functools
 import re
 import shlex
 import subprocess
@@ -409,3 +416,317 @@ def test_the_image_carries_the_recipes_compiled_pipelines_name() -> None:
     copies = [parts for parts in lines if parts[0] == "COPY" and "recipes" in parts]
     assert copies, "the image must COPY recipes/"
     assert copies[-1][-1] in ("./recipes", f"{workdirs[-1]}/recipes")
+
+
+# ---- what the image must provide: every executable our code and our manifests start --------------------------
+# Found by reading the code (ast): the first word of every argv handed to subprocess.run/Popen/...,
+# followed through local names, `self.` attributes, functions that return the argv and the parameters
+# that carry it from a caller in the same module. A call the reader cannot follow fails the test: teach
+# it the new form rather than leaving an executable unchecked.
+IMAGE_PACKAGES = ("onevision", "model", "components", "serving", "pipelines")
+PROCESS_CALLS = {"run", "Popen", "call", "check_call", "check_output"}
+# Modules that start processes only on a workstation or in tests, never in a pod of the project image.
+LOCAL_ONLY = {
+    "onevision/stack.py": "the embedded stack (make run, tests): weed and mlflow; a cluster runs MinIO and "
+                          "the MLflow Deployment (checked below through its manifest)",
+    "pipelines/local.py": "`onevision run`: git init of the local GitOps stand-in",
+    "serving/triton_repo.py": "`onevision serve --backend triton` and tests: nvidia-pytriton's tritonserver; "
+                              "in a cluster the Triton image's own tritonserver runs (its ServingRuntime)",
+}
+
+
+class _Argv:
+    """Resolves the first word of a command expression in one module."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.tree = path, ast.parse(path.read_text())
+        self.functions = {n.name: n for n in ast.walk(self.tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+        self.parents = {child: node for node in ast.walk(self.tree) for child in ast.iter_child_nodes(node)}
+
+    def where(self, node: ast.AST) -> str:
+        return f"{self.path.relative_to(ROOT)}:{getattr(node, 'lineno', '?')}"
+
+    def enclosing(self, node: ast.AST) -> ast.AST:
+        while node in self.parents and not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            node = self.parents[node]
+        return node
+
+    def process_calls(self) -> list[ast.Call]:
+        calls = []
+        for node in ast.walk(self.tree):
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+                continue
+            owner = node.func.value.id if isinstance(node.func.value, ast.Name) else None
+            if (owner == "subprocess" and node.func.attr in PROCESS_CALLS) or \
+                    (owner == "os" and node.func.attr.startswith(("exec", "spawn", "system", "popen", "posix_spawn"))) or \
+                    (owner == "asyncio" and node.func.attr.startswith("create_subprocess")):
+                calls.append(node)
+        return calls
+
+    def heads(self, expr: ast.AST, scope: ast.AST, depth: int = 0) -> set[str]:
+        """The executables `expr` (an argv) may start with."""
+        assert depth < 8, f"{self.where(expr)}: argv too indirect to follow"
+        if isinstance(expr, (ast.List, ast.Tuple)):
+            return self.word(expr.elts[0], scope, depth)
+        if isinstance(expr, ast.BinOp) and isinstance(expr.op, ast.Add):  # [cmd, ...] + extra
+            return self.heads(expr.left, scope, depth + 1)
+        if isinstance(expr, ast.Call) and isinstance(expr.func, ast.Name) and expr.func.id in self.functions:
+            returns = [r.value for r in ast.walk(self.functions[expr.func.id]) if isinstance(r, ast.Return) and r.value]
+            return set().union(*(self.heads(r, self.functions[expr.func.id], depth + 1) for r in returns))
+        if isinstance(expr, ast.Name):
+            return set().union(*(self.heads(v, s, depth + 1) for v, s in self.bindings(expr.id, scope)))
+        if isinstance(expr, ast.Attribute) and isinstance(expr.value, ast.Name) and expr.value.id == "self":
+            values = [n.value for n in ast.walk(self.tree) if isinstance(n, ast.Assign) and any(
+                isinstance(t, ast.Attribute) and t.attr == expr.attr for t in n.targets)]
+            assert values, f"{self.where(expr)}: self.{expr.attr} is never assigned"
+            return set().union(*(self.heads(v, self.enclosing(v), depth + 1) for v in values))
+        raise AssertionError(f"{self.where(expr)}: cannot tell which executable {ast.unparse(expr)} starts")
+
+    def word(self, expr: ast.AST, scope: ast.AST, depth: int) -> set[str]:
+        """The executable named by argv[0]."""
+        if isinstance(expr, ast.Constant) and isinstance(expr.value, str):
+            return {Path(expr.value).name}
+        if isinstance(expr, ast.Attribute) and ast.unparse(expr) == "sys.executable":
+            return {"python"}
+        if isinstance(expr, ast.BinOp) and isinstance(expr.op, ast.Div):  # dist / "bin" / "tritonserver"
+            return self.word(expr.right, scope, depth)
+        if isinstance(expr, ast.Call) and len(expr.args) == 1:  # str(path), _bin("weed"), shutil.which("git")
+            return self.word(expr.args[0], scope, depth)
+        if isinstance(expr, ast.Name):
+            return set().union(*(self.word(v, s, depth + 1) for v, s in self.bindings(expr.id, scope)))
+        raise AssertionError(f"{self.where(expr)}: cannot tell which executable {ast.unparse(expr)} names")
+
+    def bindings(self, name: str, scope: ast.AST) -> list[tuple[ast.AST, ast.AST]]:
+        """(value, its scope) for `name` in `scope`: assignments there, or the argument callers pass."""
+        found = [(n.value, scope) for n in ast.walk(scope) if isinstance(n, ast.Assign)
+                 and any(isinstance(t, ast.Name) and t.id == name for t in n.targets)]
+        if found or not isinstance(scope, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            assert found, f"{self.where(scope)}: {name} is never assigned"
+            return found
+        params = [a.arg for a in scope.args.posonlyargs + scope.args.args]
+        assert name in params, f"{self.where(scope)}: {name} is neither assigned nor a parameter of {scope.name}"
+        for call in ast.walk(self.tree):
+            if isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == scope.name:
+                passed = [k.value for k in call.keywords if k.arg == name]
+                if params.index(name) < len(call.args):
+                    passed.append(call.args[params.index(name)])
+                found += [(value, self.enclosing(call)) for value in passed]
+        assert found, f"{self.where(scope)}: no caller of {scope.name} in this module passes {name}"
+        return found
+
+
+def started_by_code() -> dict[str, set[str]]:
+    """{module path: executables it starts} for every module of the image's packages that starts one."""
+    started: dict[str, set[str]] = {}
+    for package in IMAGE_PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            reader = _Argv(path)
+            for call in reader.process_calls():
+                assert call.args, f"{reader.where(call)}: argv passed by keyword; pass it first"
+                started.setdefault(path.relative_to(ROOT).as_posix(), set()).update(
+                    reader.heads(call.args[0], reader.enclosing(call)))
+    return started
+
+
+SHELL_BUILTINS = {"cd", "echo", "exec", "export", "printf", "set", "test", "[", "true", "false", ":", "if", "then",
+                  "else", "fi", "for", "do", "done", "while"}
+
+
+def shell_commands(script: str) -> set[str]:
+    """The programs a `sh -c` script runs: first words of its commands and of its `$(...)`. A Kubernetes
+    `$(VAR)` (upper case) is a variable the kubelet substitutes, not a command."""
+    found = set(re.findall(r"\$\((?![A-Z_][A-Z0-9_]*\))\s*([^\s)]+)", script))
+    script = re.sub(r"\$\([^)]*\)", "X", script)
+    for line in script.splitlines():
+        lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        command: list[str] = []
+        for token in [*lexer, ";"]:
+            if token in (";", "&&", "||", "|", "&"):
+                while command and (re.fullmatch(r"\w+=.*", command[0]) or command[0] == "exec"):
+                    command.pop(0)
+                if command and command[0] not in SHELL_BUILTINS:
+                    found.add(command[0])
+                command = []
+            else:
+                command.append(token)
+    return {Path(name).name for name in found}
+
+
+def container_commands(node: dict) -> set[str]:
+    """What a container (or KFP executor) starts: command + args, through `sh -c`. Without a command the
+    args run (our images have no ENTRYPOINT, or NVIDIA's, which execs its arguments)."""
+    argv = [str(a) for a in (node.get("command") or []) + (node.get("args") or [])]
+    if not argv:
+        return set()
+    shell = Path(argv[0]).name
+    if shell in ("sh", "bash") and len(argv) > 2 and re.fullmatch(r"-\w*c\w*", argv[1]):
+        return {shell} | shell_commands(argv[2])
+    return {Path(argv[0]).name}
+
+
+@functools.cache
+def started_by_manifests() -> dict[str, dict[str, set[str]]]:
+    """{image: {file: executables}} for every container of ours in infra/ and the compiled pipelines."""
+    started: dict[str, dict[str, set[str]]] = {}
+    files = sorted((ROOT / "infra").rglob("*.yaml")) + sorted((ROOT / "pipelines/compiled").glob("*.yaml"))
+    for path in files:
+        for doc in yaml.load_all(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+            stack = [doc]
+            while stack:
+                node = stack.pop()
+                if isinstance(node, dict):
+                    if node.get("image") in (PROJECT_IMAGE, TRITON_IMAGE):
+                        started.setdefault(node["image"], {}).setdefault(path.relative_to(ROOT).as_posix(), set()) \
+                            .update(container_commands(node))
+                    stack.extend(node.values())
+                elif isinstance(node, list):
+                    stack.extend(node)
+    return started
+
+
+# What the base images bring on PATH (facts about them, not parsed): Ubuntu's shell and coreutils, and in
+# NVIDIA's Triton image /opt/tritonserver/bin.
+BASE_PROVIDES = {"nvidia/cuda": {"sh", "bash", "mktemp", "env"},
+                 "nvcr.io/nvidia/tritonserver": {"sh", "bash", "mktemp", "env", "tritonserver"}}
+# apt packages -> the executables they install (those our steps use)
+APT_PROVIDES = {"git": {"git"}}
+
+
+def _console_scripts(requirements: list[str]) -> set[str]:
+    """Console scripts of `requirements` and everything they pull in, read from this environment's
+    installed distributions (the image installs the same locked tree)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    seen, todo, scripts = set(), [Requirement(r) for r in requirements], set()
+    while todo:
+        req = todo.pop()
+        name = req.name.lower().replace("_", "-")
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue  # e.g. psycopg, only in the image: it brings no executable we start
+        scripts |= {e.name for e in dist.entry_points if e.group == "console_scripts"}
+        for spec in dist.requires or []:
+            sub = Requirement(spec)
+            if sub.marker is None or sub.marker.evaluate({"extra": e} if (e := next(iter(req.extras), "")) else {"extra": ""}):
+                todo.append(sub)
+    return scripts
+
+
+def provided_by(name: str) -> set[str]:
+    """The executables on PATH in the final stage of infra/images/<name>, read from the Dockerfile."""
+    parsed = PARSED[name]
+    chain = parsed.lineage()
+    base = chain[0].base.rpartition(":")[0]
+    provided = set(BASE_PROVIDES[base])
+    python = parsed.global_args["PYTHON_VERSION"]
+    assert parsed.env()["PATH"].startswith("/opt/venv/bin:")
+    for stage in chain:
+        for op, rest in stage.instructions:
+            if op == "RUN":
+                for packages in re.findall(r"apt-get install (.*?)(?:&&|$)", rest):
+                    for package in shlex.split(packages):
+                        provided |= APT_PROVIDES.get(package, {package} if package == f"python{python}" else set())
+    # the venv, built in the builder and copied whole: its python, pip and every package's scripts
+    assert any("--from=builder" in flags and sources == ["/opt/venv"] for flags, sources, _ in copies(parsed.final))
+    builder = parsed.stage("builder")
+    assert any(op == "RUN" and re.search(rf'python{python}"? -m venv /opt/venv', rest) for op, rest in builder.instructions)
+    provided |= {"python", "python3", f"python{python}", "pip"}
+    for op, rest in builder.instructions:
+        if op == "RUN" and "pip install" in rest:
+            tokens = shlex.split(rest.split("pip install", 1)[1].split("&&")[0])
+            requirements = [t for i, t in enumerate(tokens) if not t.startswith("-")
+                            and not (i and tokens[i - 1] in ("-c", "-r"))]
+            if "-r" in tokens:  # requirements.txt is pyproject's dependency list (checked above)
+                requirements += PYPROJECT["project"]["dependencies"]
+            provided |= _console_scripts(requirements)
+    # the project itself (`pip install --no-deps .`): its own scripts
+    provided |= set(PYPROJECT["project"]["scripts"])
+    return provided
+
+
+def test_the_code_reader_follows_argv_through_names_functions_and_callers(tmp_path: Path) -> None:
+    path = ROOT / "tests" / "unit" / "_argv_example.py"  # inside ROOT: where() names paths relative to it
+    source = ("import subprocess, sys\n"
+              "def command(n):\n    if n:\n        return ['torchrun', '-m', 'x']\n    return [sys.executable, '-m', 'x']\n"
+              "def spawn(argv):\n    subprocess.Popen(argv)\n"
+              "def start():\n    argv = [_bin('weed'), 'mini']\n    spawn(argv)\n"
+              "class S:\n    def __init__(self):\n        self.cmd = [str(dist() / 'bin' / 'tritonserver')]\n"
+              "    def go(self):\n        subprocess.run(self.cmd)\n"
+              "def f():\n    cmd = command(2)\n    subprocess.run(cmd + ['--x'])\n    subprocess.run(['git', 'push'])\n")
+    try:
+        path.write_text(source)
+        reader = _Argv(path)
+        heads = set().union(*(reader.heads(c.args[0], reader.enclosing(c)) for c in reader.process_calls()))
+        assert heads == {"torchrun", "python", "weed", "tritonserver", "git"}
+        path.write_text("import subprocess\ndef f(tool):\n    subprocess.run([tool.path])\n")
+        reader = _Argv(path)
+        with pytest.raises(AssertionError, match="cannot tell which executable"):
+            reader.heads(reader.process_calls()[0].args[0], reader.enclosing(reader.process_calls()[0]))
+    finally:
+        path.unlink(missing_ok=True)
+    assert shell_commands('p=$(mktemp -d)\nprintf "%s" "$0" > f\n_K=1 python3 -m kfp "$@"') == {"mktemp", "python3"}
+    assert shell_commands("exec mlflow server --port 5000") == {"mlflow"}
+
+
+def test_the_project_image_provides_every_executable_our_steps_start() -> None:
+    by_code = started_by_code()
+    # the list, so that a new executable is a visible change here
+    assert by_code == {
+        "components/evaluate/core.py": {"python"},          # python -m lmms_eval
+        "components/register/promote.py": {"git"},         # deploy and promote: the GitOps overlay
+        "components/train/core.py": {"torchrun", "python"},  # one pod: torchrun over its GPUs, or one process
+        "onevision/stack.py": {"weed", "mlflow"},
+        "onevision/tracking.py": {"git"},                   # lineage fallback when ONEVISION_GIT_COMMIT is unset
+        "pipelines/local.py": {"git"},
+        "serving/triton_repo.py": {"tritonserver"},
+    }, by_code
+    in_pods = {module: names for module, names in by_code.items() if module not in LOCAL_ONLY}
+    by_manifests = started_by_manifests()
+    provided = provided_by("Dockerfile")
+    missing = [f"{where}: {name}" for where, names in [*in_pods.items(), *by_manifests[PROJECT_IMAGE].items()]
+               for name in sorted(names) if name not in provided]
+    assert missing == [], f"the project image lacks: {missing}"
+    assert {"git", "torchrun", "mlflow", "python3"} <= set().union(*in_pods.values(),
+                                                                   *by_manifests[PROJECT_IMAGE].values())
+
+
+def test_the_triton_image_provides_what_its_serving_runtime_starts() -> None:
+    started = started_by_manifests()[TRITON_IMAGE]
+    provided = provided_by("Dockerfile.triton")
+    assert "tritonserver" in set().union(*started.values())
+    assert [f"{where}: {name}" for where, names in started.items() for name in names if name not in provided] == []
+
+
+# ---- lineage: the commit the image was built from ------------------------------------------------------------
+def test_the_project_image_carries_its_commit_from_a_build_argument() -> None:
+    """.dockerignore keeps .git out, so git cannot tell the commit in a pod: the build argument does, and
+    the build stops without a real one (onevision.tracking.git_commit reads the variable)."""
+    lines = logical_lines((IMAGES / "Dockerfile").read_text())
+    final = lines[max(i for i, line in enumerate(lines) if line.upper().startswith("FROM ")):]
+    assert "ARG ONEVISION_GIT_COMMIT" in final  # no default: a forgotten --build-arg cannot pass unnoticed
+    env = final.index("ENV ONEVISION_GIT_COMMIT=${ONEVISION_GIT_COMMIT}")
+    assert env > max(i for i, line in enumerate(final) if line.startswith("COPY"))  # a new commit: one small layer
+    (check,) = [line[4:] for line in final if line.startswith("RUN") and "ONEVISION_GIT_COMMIT" in line]
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() \
+        or "0123456789abcdef0123456789abcdef01234567"
+    for value, code in ((commit, 0), ("", 1), ("unknown", 1), (commit[:12], 1)):
+        done = subprocess.run(["sh", "-c", expand(check, {"ONEVISION_GIT_COMMIT": value})], capture_output=True, text=True)
+        assert done.returncode == code, (value, done.stderr)
+    assert "--build-arg ONEVISION_GIT_COMMIT=$(git rev-parse HEAD)" in done.stderr
+
+
+def test_every_documented_build_of_the_project_image_passes_the_commit() -> None:
+    builds = []
+    for path in repository_files():
+        text = path.read_text(errors="ignore").replace("\\\n", " ")
+        builds += [(path.relative_to(ROOT).as_posix(), line) for line in text.splitlines()
+                   if re.search(r"docker build .*-f infra/images/Dockerfile(\s|$)", line)]
+    assert builds
+    assert [b for b in builds if "--build-arg ONEVISION_GIT_COMMIT=$(git rev-parse HEAD)" not in b[1]] == []

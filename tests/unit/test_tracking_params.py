@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -37,6 +39,20 @@ def test_lineage_tags(monkeypatch: pytest.MonkeyPatch) -> None:
     assert tags == {tracking.TAG_RECIPE_NAME: "tiny", tracking.TAG_RECIPE_HASH: recipe.hash(),
                     tracking.TAG_GIT_COMMIT: "abc123", tracking.TAG_PIPELINE_RUN: "run-1",
                     tracking.TAG_DATA_MANIFEST: "f00"}
-    monkeypatch.delenv("ONEVISION_GIT_COMMIT")
-    commit = tracking.git_commit(ROOT)
-    assert commit == "unknown" or len(commit) == 40
+
+
+def test_the_commit_is_known_wherever_it_can_be(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`unknown` only where neither ONEVISION_GIT_COMMIT (the image sets it from a build argument) nor a
+    git checkout is there: a checkout without git, or an image built without the argument, fails here."""
+    commit = re.compile(r"[0-9a-f]{40}")
+    if os.environ.get("ONEVISION_GIT_COMMIT"):  # inside the project image
+        assert commit.fullmatch(tracking.git_commit()), os.environ["ONEVISION_GIT_COMMIT"]
+    monkeypatch.delenv("ONEVISION_GIT_COMMIT", raising=False)
+    if (ROOT / ".git").exists():  # a checkout (a folder, or a file in a worktree): git must answer
+        head = tracking.git_commit()
+        assert commit.fullmatch(head), f"git_commit() is {head!r} in the checkout {ROOT}: is git installed?"
+        assert tracking.git_commit(ROOT / "onevision") == head
+        assert tracking.lineage_tags(load_recipe(ROOT / "recipes/tiny.yaml"), "r")[tracking.TAG_GIT_COMMIT] == head
+    assert tracking.git_commit(tmp_path) == "unknown"  # neither: said so, not invented
+    monkeypatch.setenv("ONEVISION_GIT_COMMIT", "0" * 40)
+    assert tracking.git_commit(tmp_path) == "0" * 40  # the variable wins where git cannot see a checkout
