@@ -82,3 +82,90 @@ def score_by_task(model: Any, processor: Any, records: Sequence[dict[str, Any]],
     return {task: {"accuracy": exact_match([a for a, _ in rows], [m["answer"] for _, m in rows]),
                    "chance": float(rows[0][1].get("chance", 0.0)), "n": len(rows)}
             for task, rows in sorted(tasks.items())}
+
+
+class RunningBatch:
+    """Rows that decode together one token per step; rows join (prefilled) and leave between steps.
+
+        batch = RunningBatch(model, pad_token_id)
+        logits = batch.join(items)     # (n, V) next-token logits of the new rows, which are appended last
+        logits = batch.step(tokens)    # feed one token per row (B,) -> (B, V)
+        batch.keep([0, 2])             # every other row leaves: its cache is freed
+
+    The serving engine's continuous batching runs on this. Every row's tokens are the right-hand end of
+    the cache's columns (rows are padded on the left when they join), and positions are counted per row,
+    so a row's logits do not depend on which rows share its batch.
+    """
+
+    def __init__(self, model: Any, pad_token_id: int):
+        self.model, self.pad_token_id = model, pad_token_id
+        self.cache: Any = None  # transformers DynamicCache: keys/values (B, heads, T, head_dim) per layer
+        self.mask: torch.Tensor | None = None  # (B, T) 1 where a row has a token
+        self.positions: torch.Tensor | None = None  # (B,) the position of each row's next token
+
+    def __len__(self) -> int:
+        return 0 if self.mask is None else int(self.mask.shape[0])
+
+    @property
+    def width(self) -> int:
+        """Columns of the cache (T): the longest row."""
+        return 0 if self.mask is None else int(self.mask.shape[1])
+
+    @torch.no_grad()
+    def join(self, items: Sequence[ProcessedSample]) -> torch.Tensor:
+        """Prefill new rows (one forward over their left-padded prompts and media); their logits (n, V)."""
+        device = next(self.model.parameters()).device
+        batch = {k: v.to(device) for k, v in collate_left(items, self.pad_token_id).items()}
+        mask = batch["attention_mask"]  # (n, Tn)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() does for left padding
+        out = self.model(**batch, position_ids=position_ids, use_cache=True, logits_to_keep=1)
+        self._merge(out.cache, mask, mask.sum(-1))
+        return out.logits[:, -1].float()
+
+    @torch.no_grad()
+    def step(self, tokens: Sequence[int]) -> torch.Tensor:
+        """Feed each row its next token; the logits for the token after it (B, V)."""
+        assert self.mask is not None and self.positions is not None and len(tokens) == len(self)
+        device = self.mask.device
+        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self), 1))], dim=1)  # (B, T + 1)
+        input_ids = torch.tensor(list(tokens), dtype=torch.long, device=device)[:, None]  # (B, 1)
+        out = self.model(input_ids=input_ids, attention_mask=self.mask, position_ids=self.positions[:, None],
+                         cache=self.cache, use_cache=True)
+        self.positions = self.positions + 1
+        return out.logits[:, -1].float()
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Only `rows` stay, in that order; columns no remaining row uses are dropped."""
+        if len(rows) == len(self) and list(rows) == list(range(len(self))):
+            return
+        if not rows:
+            self.cache = self.mask = self.positions = None
+            return
+        assert self.mask is not None and self.positions is not None
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.mask.device)
+        mask = self.mask[index]
+        first = int(mask.any(0).nonzero()[0])  # leading columns that are padding in every remaining row
+        self.mask, self.positions = mask[:, first:], self.positions[index]
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[index, :, first:], layer.values[index, :, first:]
+
+    def _merge(self, cache: Any, mask: torch.Tensor, lengths: torch.Tensor) -> None:
+        if self.cache is None:
+            self.cache, self.mask, self.positions = cache, mask, lengths
+            return
+        assert self.mask is not None and self.positions is not None
+        width = max(self.width, int(mask.shape[1]))
+
+        def left_pad(x: torch.Tensor, dim: int) -> torch.Tensor:
+            missing = width - x.shape[dim]
+            if missing == 0:
+                return x
+            shape = list(x.shape)
+            shape[dim] = missing
+            return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+        for old, new in zip(self.cache.layers, cache.layers, strict=True):
+            old.keys = torch.cat([left_pad(old.keys, 2), left_pad(new.keys, 2)], dim=0)
+            old.values = torch.cat([left_pad(old.values, 2), left_pad(new.values, 2)], dim=0)
+        self.mask = torch.cat([left_pad(self.mask, 1), left_pad(mask, 1)], dim=0)
+        self.positions = torch.cat([self.positions, lengths])

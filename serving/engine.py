@@ -1,33 +1,43 @@
-"""One inference engine for every door (KServe v1/v2/OpenAI, Triton): a queue with dynamic batching.
+"""One inference engine for every door (KServe v1/v2/OpenAI, Triton): continuous (token-level) batching.
 
     engine = Engine.load("s3://onevision/runs/tiny/r1/stage2_ov/hf", max_batch_size=8, max_wait_ms=10)
     result = await engine.submit(parse_chat_request(body, engine.limits))   # Completion(text, ...)
+    async for piece in engine.stream(request): ...                           # text as it is decoded
     engine.generate_batch([request, ...])                                     # synchronous, no queue
 
-Requests wait at most `max_wait_ms` for companions (and not at all when none is queued or being
-prepared, so a lone client pays no delay), then up to `max_batch_size` of them with the same
-sampling settings run as one left-padded batch (model.generation, the code evaluation uses, so a
-greedy answer is the same whatever the batch: tested). One worker thread owns the model; the asyncio
-loop only queues: every expensive step (decoding, tokenizing, the processor) runs in a thread, for
-streamed requests too, so health probes answer while a heavy request is prepared. A request past its
-`timeout_s` is answered 504 and dropped from the queue; a prompt longer than the model's context is
-refused with 400 before it reaches the model. Budgets the caller leaves unset in `limits` (text bytes,
+One decoding thread owns the model and runs a batch of up to `max_batch_size` rows
+(model.generation.RunningBatch). At every step, requests that are queued join the batch (one prefill
+for all of them), every row decodes one token, and a row leaves as soon as it is finished (<|im_end|>,
+its own `max_tokens`, a stop string), cancelled (a stream's client went away, a caller stopped
+waiting) or past its deadline, so its slot is free for the next step. Streamed and plain requests
+share the queue and the batch: a stream gets its text piece by piece, a plain request its Completion
+at the end. Each row has its own positions and sampling (greedy, or temperature/top_p with its own
+seeded generator), so an answer is the same whatever shares the batch (tested).
+
+When the batch is idle, a new request waits at most `max_wait_ms` for companions that are being
+prepared (and not at all when none is), so a lone client pays no delay. The asyncio loop only queues:
+tokenizing and the processor run in a thread, the model in the decoding thread, so health probes
+answer while heavy requests are prepared. A request still queued past its `timeout_s` (or a plain one
+not finished by then) is answered 504 and leaves; a prompt longer than the model's context is refused
+with 400 before it reaches the model. Budgets the caller leaves unset in `limits` (text bytes,
 messages, pixels) are derived from this model's context and AnyRes grid (serving.budgets).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from model import chat
-from model.generation import collate_left
+from model.generation import RunningBatch
 from model.processing import SampleError, SampleProcessor
 from serving.budgets import model_budgets
 from serving.requests import GenerationRequest, Limits, RequestError
@@ -41,12 +51,36 @@ class Completion:
     finish_reason: str  # "stop" | "length"
 
 
-@dataclass
-class _Pending:
-    request: GenerationRequest
-    item: Any  # the processed prompt
-    future: asyncio.Future
-    deadline: float
+class _Row:
+    """One request in the engine: its prompt, the tokens decoded so far, and where its output goes."""
+
+    def __init__(self, request: GenerationRequest, item: Any, deadline: float, streamed: bool = False,
+                 loop: asyncio.AbstractEventLoop | None = None):
+        self.request, self.item, self.deadline, self.streamed, self.loop = request, item, deadline, streamed, loop
+        self.future: asyncio.Future | None = loop.create_future() if loop else None  # the Completion
+        self.pieces: asyncio.Queue[str | None] | None = asyncio.Queue() if streamed else None
+        self.ids: list[int] = []
+        self.text = ""  # decoded so far, cut at a stop string
+        self.sent = 0  # characters of the visible text already handed to the stream
+        self.finish: str | None = None  # "stop" | "length" once finished
+        self.error: Exception | None = None
+        self.cancelled_step: int | None = None  # engine step when the caller went away
+        self.started = False  # in the running batch (a stream past its first token has no deadline)
+        self.generator: torch.Generator | None = None  # per row, so a seeded answer ignores its companions
+
+    def visible(self, final: bool) -> str:
+        """The text a client may see now: stripped like the final answer; while decoding, a trailing
+        partial character, trailing space and a possible start of a stop string are held back."""
+        text = self.text.lstrip()
+        if final:
+            return text.rstrip()
+        text = text.rstrip("\ufffd").rstrip()
+        held = max((k for stop in self.request.stop for k in range(1, len(stop)) if text.endswith(stop[:k])),
+                   default=0)
+        return text[: len(text) - held]
+
+    def completion(self) -> Completion:
+        return Completion(self.visible(True), len(self.item), len(self.ids), self.finish or "length")
 
 
 class Engine:
@@ -61,12 +95,19 @@ class Engine:
         self.limits = dataclasses.replace(limits, **{k: v for k, v in derived.items() if getattr(limits, k) is None})
         self.sample_processor = SampleProcessor(processor, template, 1 << 20, video_frames=self.limits.video_frames)
         self.end_id = processor.tokenizer.convert_tokens_to_ids(chat.IM_END)
-        self._queue: asyncio.Queue[_Pending] | None = None
-        self._worker: asyncio.Task | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._incoming: collections.deque[_Row] = collections.deque()
+        self._wakeup = threading.Condition()  # guards _incoming and _closed; wakes the decoding thread
+        self._thread: threading.Thread | None = None
+        self._closed = False
         self._preparing = 0  # requests being validated/processed: companions about to join the queue
-        self._lock = threading.Lock()  # one generate at a time: the model is not re-entrant
-        self.batches_run = 0
+        self._lock = threading.Lock()  # one forward at a time: the model is not re-entrant
+        # observables (read by /metrics and the tests)
+        self.rows = 0  # requests in the running batch now
+        self.peak_rows = 0
+        self.steps_run = 0  # decoding steps (one token for every row)
+        self.prefills_run = 0  # forwards that let requests join
+        self.cancelled = 0  # rows that left before finishing (client gone, timeout)
+        self.cancel_lag_steps = 0  # the most steps a cancelled row kept decoding after its cancel
 
     @classmethod
     def load(cls, model_uri: str, **kwargs: Any) -> Engine:
@@ -74,6 +115,12 @@ class Engine:
 
         model, processor = load_pretrained(model_uri)
         return cls(model, processor, **kwargs)
+
+    def stats(self) -> dict[str, int]:
+        """The engine's counters, for metrics: rows decoding now, queued, steps, prefills, cancels."""
+        return {"rows": self.rows, "queued": len(self._incoming), "peak_rows": self.peak_rows,
+                "steps": self.steps_run, "prefills": self.prefills_run, "cancelled": self.cancelled,
+                "cancel_lag_steps": self.cancel_lag_steps}
 
     # ---- synchronous core -------------------------------------------------------------------------
     def prepare(self, request: GenerationRequest) -> Any:
@@ -87,133 +134,248 @@ class Engine:
                                     f"the context length {self.context_length}")
         return item
 
-    @torch.no_grad()
     def generate_batch(self, requests: list[GenerationRequest], items: list[Any] | None = None) -> list[Completion]:
-        """Generate for requests that share sampling settings, as one batch."""
+        """Generate for requests as one batch, outside the queue (each row leaves when it finishes)."""
         items = items or [self.prepare(r) for r in requests]
-        first = requests[0]
-        batch = collate_left(items, self.processor.tokenizer.pad_token_id)
-        device = next(self.model.parameters()).device
-        batch = {k: v.to(device) for k, v in batch.items()}
-        # never past the context: the longest (left-padded) prompt bounds what the whole batch may add
-        budget = self.context_length - batch["input_ids"].shape[1]
-        kwargs: dict[str, Any] = {"do_sample": not first.greedy,
-                                  "max_new_tokens": max(1, min(budget, max(r.max_new_tokens for r in requests)))}
-        if not first.greedy:
-            kwargs.update(temperature=first.temperature, top_p=first.top_p)
-            if first.seed is not None:
-                torch.manual_seed(first.seed)
+        rows = [_Row(r, item, float("inf")) for r, item in zip(requests, items, strict=True)]
+        batch = RunningBatch(self.model, self.processor.tokenizer.pad_token_id)
         with self._lock:
-            out = self.model.generate(**batch, eos_token_id=self.end_id, pad_token_id=self.processor.tokenizer.pad_token_id,
-                                      **kwargs)
-            self.batches_run += 1
-        new = out[:, batch["input_ids"].shape[1]:]
-        completions = []
-        for row, request in enumerate(requests):
-            ids = new[row].tolist()
-            finished = self.end_id in ids[: request.max_new_tokens]
-            ids = ids[: ids.index(self.end_id)] if finished else ids[: request.max_new_tokens]
-            text = self.processor.tokenizer.decode(ids, skip_special_tokens=True).strip()
-            for stop in request.stop:
-                if stop in text:
-                    text, finished = text.split(stop)[0], True
-            completions.append(Completion(text, len(items[row]), len(ids), "stop" if finished else "length"))
-        return completions
+            live = self._advance(batch, [], rows)
+            while live:
+                live = self._advance(batch, live, [])
+        for row in rows:
+            if row.error is not None:
+                raise row.error
+        return [row.completion() for row in rows]
 
-    # ---- asynchronous queue -----------------------------------------------------------------------
-    async def submit(self, request: GenerationRequest, timeout_s: float | None = None) -> Completion:
-        """Queue a validated request; resolves when its batch has run (RequestError 504 on timeout)."""
+    def _advance(self, batch: RunningBatch, rows: list[_Row], joining: list[_Row]) -> list[_Row]:
+        """One scheduling step: gone rows leave, `joining` rows are prefilled, every row decodes one token.
+        Returns the rows still decoding, in the batch's order. Call with the model lock held."""
+        rows = self._leave(batch, rows)
+        for row in [r for r in joining if self._gone(r)]:  # cancelled or expired while queued
+            self.cancelled += 1
+            self._publish(row, done=True)
+        joining = [r for r in joining if r.cancelled_step is None]
+        if joining:
+            logits = batch.join([r.item for r in joining])  # (n, V)
+            self.prefills_run += 1
+            for row, token in zip(joining, self._choose(logits, joining), strict=True):
+                row.started = True
+                self._take(row, token)
+            rows = self._leave(batch, rows + joining)  # a row may finish on its first token
+        self.peak_rows = max(self.peak_rows, len(batch))
+        if rows:
+            logits = batch.step([r.ids[-1] for r in rows])  # (B, V)
+            self.steps_run += 1
+            for row, token in zip(rows, self._choose(logits, rows), strict=True):
+                self._take(row, token)
+            rows = self._leave(batch, rows)
+        return rows
+
+    def _gone(self, row: _Row) -> bool:
+        """Cancelled, or past its deadline (a stream only until its first token: its client sees progress)."""
+        if row.cancelled_step is None and row.deadline < time.monotonic() and not (row.streamed and row.started):
+            row.error = RequestError(504, f"generation did not finish within {self.timeout_s:.0f} s")
+            row.cancelled_step = self.steps_run
+        return row.cancelled_step is not None
+
+    def _leave(self, batch: RunningBatch, rows: list[_Row]) -> list[_Row]:
+        """Finished and gone rows leave the batch (their caller is told); the others, in order."""
+        keep, left = [], []
+        for index, row in enumerate(rows):
+            if row.finish is None and self._gone(row):
+                self.cancelled += 1
+                self.cancel_lag_steps = max(self.cancel_lag_steps, self.steps_run - (row.cancelled_step or 0))
+            (left if row.finish is not None or row.cancelled_step is not None else keep).append(index)
+        batch.keep(keep)
+        self.rows = len(keep)  # before anyone is told: a caller that sees its answer sees its slot free
+        for index in left:
+            self._publish(rows[index], done=True)
+        return [rows[i] for i in keep]
+
+    def _choose(self, logits: torch.Tensor, rows: Sequence[_Row]) -> list[int]:
+        """The next token of each row (B,): argmax, or sampled with the row's temperature and top_p."""
+        tokens = logits.argmax(-1).tolist()
+        for i, row in enumerate(rows):
+            r = row.request
+            if r.greedy:
+                continue
+            if row.generator is None:
+                row.generator = torch.Generator(device=logits.device)
+                if r.seed is None:
+                    row.generator.seed()
+                else:
+                    row.generator.manual_seed(r.seed)
+            probs = torch.softmax(logits[i] / r.temperature, dim=-1)  # (V,)
+            if r.top_p < 1.0:  # nucleus: the smallest set of tokens whose probability reaches top_p
+                ordered, order = probs.sort(descending=True)
+                outside = ordered.cumsum(-1) - ordered > r.top_p
+                probs = probs.scatter(0, order, ordered.masked_fill(outside, 0.0))
+            tokens[i] = int(torch.multinomial(probs, 1, generator=row.generator))
+        return tokens
+
+    def _take(self, row: _Row, token: int) -> None:
+        """Append a decoded token to its row: finish on <|im_end|>, a stop string or max_tokens; stream it."""
+        if token == self.end_id:
+            row.finish = "stop"
+            return
+        row.ids.append(token)
+        row.text = self.processor.tokenizer.decode(row.ids, skip_special_tokens=True)
+        cuts = [row.text.index(s) for s in row.request.stop if s in row.text]
+        if cuts:
+            row.text, row.finish = row.text[: min(cuts)], "stop"
+        elif len(row.ids) >= row.request.max_new_tokens:
+            row.finish = "length"
+        else:
+            self._publish(row, done=False)
+
+    def _publish(self, row: _Row, done: bool) -> None:
+        """Hand a row's new text (streams) and, once done, its Completion or error to its event loop."""
+        if row.loop is None:
+            return
+        piece = ""
+        if row.pieces is not None and row.error is None and row.cancelled_step is None:
+            visible = row.visible(final=done)
+            piece, row.sent = visible[row.sent:], max(row.sent, len(visible))
+        if not piece and not done:
+            return
+        result: Any = row.error if row.error is not None else row.completion() if done else None
+
+        def deliver() -> None:  # on the row's event loop
+            if piece and row.pieces is not None:
+                row.pieces.put_nowait(piece)
+            if done:
+                if row.future is not None and not row.future.done():
+                    if isinstance(result, Exception):
+                        row.future.set_exception(result)
+                    else:
+                        row.future.set_result(result)
+                if row.pieces is not None:
+                    row.pieces.put_nowait(None)
+
+        try:
+            row.loop.call_soon_threadsafe(deliver)
+        except RuntimeError:  # its event loop is closed: nobody is waiting any more
+            if row.cancelled_step is None:
+                row.cancelled_step = self.steps_run
+
+    # ---- the queue and the decoding thread --------------------------------------------------------
+    async def _enqueue(self, request: GenerationRequest, timeout_s: float | None, streamed: bool) -> _Row:
+        """Validate and process a request off the event loop, then queue it for the decoding thread."""
         self._preparing += 1
         try:
-            item = await asyncio.to_thread(self.prepare, request)  # 400s before queueing; off the event loop
+            item = await asyncio.to_thread(self.prepare, request)  # 400s before queueing
         finally:
             self._preparing -= 1
-        loop = asyncio.get_running_loop()
-        if self._loop is not loop:  # first request, or a new event loop: the queue belongs to its loop
-            self._loop, self._queue = loop, asyncio.Queue()
-            self._worker = loop.create_task(self._serve())
-        deadline = time.monotonic() + (timeout_s or self.timeout_s)
-        pending = _Pending(request, item, loop.create_future(), deadline)
-        await self._queue.put(pending)
+        row = _Row(request, item, time.monotonic() + (timeout_s or self.timeout_s), streamed,
+                   asyncio.get_running_loop())
+        with self._wakeup:
+            if self._closed:
+                raise RequestError(503, "the engine is shut down")
+            self._incoming.append(row)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._decode_loop, name=f"engine-{self.name}", daemon=True)
+                self._thread.start()
+            self._wakeup.notify()
+        return row
+
+    def _cancel(self, row: _Row) -> None:
+        """The caller went away: the row leaves the batch at the next step (its slot is freed)."""
+        if row.cancelled_step is None and row.finish is None:
+            row.cancelled_step = self.steps_run
+
+    async def submit(self, request: GenerationRequest, timeout_s: float | None = None) -> Completion:
+        """Queue a validated request; resolves when its row has finished (RequestError 504 on timeout)."""
+        row = await self._enqueue(request, timeout_s, streamed=False)
+        assert row.future is not None
         try:
-            return await asyncio.wait_for(asyncio.shield(pending.future), max(0.0, deadline - time.monotonic()))
-        except asyncio.TimeoutError:
+            return await asyncio.wait_for(asyncio.shield(row.future), max(0.0, row.deadline - time.monotonic()))
+        except TimeoutError:
+            self._cancel(row)
             raise RequestError(504, f"generation did not finish within {timeout_s or self.timeout_s:.0f} s") from None
+        except asyncio.CancelledError:  # the caller's task was cancelled (client gone): free the slot
+            self._cancel(row)
+            raise
 
-    async def _serve(self) -> None:
-        assert self._queue is not None
+    def stream(self, request: GenerationRequest) -> Stream:
+        """The text of one request as it is decoded (`stream: true`), batched with everything else."""
+        return Stream(self, request)
+
+    def _decode_loop(self) -> None:
+        batch = RunningBatch(self.model, self.processor.tokenizer.pad_token_id)
+        rows: list[_Row] = []
         while True:
-            batch = [await self._queue.get()]
-            start = time.monotonic()
-            while len(batch) < self.max_batch_size:
-                remaining = self.max_wait_s - (time.monotonic() - start)
-                if remaining <= 0 or (self._queue.empty() and not self._preparing):
-                    break  # nobody else is on the way: waiting would only add latency
-                try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-                except asyncio.TimeoutError:
+            with self._wakeup:
+                while not self._incoming and not rows and not self._closed:
+                    self._wakeup.wait()
+                if self._closed:
                     break
-            now = time.monotonic()
-            live = [p for p in batch if not p.future.done() and p.deadline > now]
-            groups: dict[tuple, list[_Pending]] = {}
-            for p in live:  # one generate call per sampling setting
-                r = p.request
-                groups.setdefault((r.greedy, r.temperature, r.top_p, r.seed), []).append(p)
-            for group in groups.values():
-                try:
-                    results = await asyncio.to_thread(self.generate_batch, [p.request for p in group],
-                                                      [p.item for p in group])
-                except Exception as err:  # a model failure fails its batch, not the server
-                    for p in group:
-                        if not p.future.done():
-                            p.future.set_exception(err)
-                    continue
-                for p, result in zip(group, results):
-                    if not p.future.done():
-                        p.future.set_result(result)
-
-    def _stream_inputs(self, request: GenerationRequest) -> dict[str, Any]:
-        """One request's model inputs (prepare + collate), on the model's device."""
-        item = self.prepare(request)
-        device = next(self.model.parameters()).device
-        return {k: v.to(device) for k, v in collate_left([item], self.processor.tokenizer.pad_token_id).items()}
-
-    async def stream(self, request: GenerationRequest) -> Any:
-        """Async iterator of text pieces for one request (`stream: true`), generated token by token
-        outside the batching queue; the model lock keeps it from overlapping a batch."""
-        from transformers import TextIteratorStreamer
-
-        batch = await asyncio.to_thread(self._stream_inputs, request)  # decode + tokenize: off the event loop
-        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True,
-                                        timeout=self.timeout_s)
-        kwargs: dict[str, Any] = {"do_sample": not request.greedy, "max_new_tokens": request.max_new_tokens}
-        if not request.greedy:
-            kwargs.update(temperature=request.temperature, top_p=request.top_p)
-
-        def run() -> None:
-            with self._lock, torch.no_grad():
-                self.model.generate(**batch, streamer=streamer, eos_token_id=self.end_id,
-                                    pad_token_id=self.processor.tokenizer.pad_token_id, **kwargs)
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        sentinel = object()
-        emitted = ""
-        while True:
-            piece = await asyncio.to_thread(next, streamer, sentinel)
-            if piece is sentinel:
-                break
-            emitted += piece
-            cut = [emitted.index(s) for s in request.stop if s in emitted]
-            if cut:  # a stop string: emit up to it and stop listening (the thread finishes on its own)
-                keep = len(piece) - (len(emitted) - min(cut))
-                if keep > 0:
-                    yield piece[:keep]
-                break
-            if piece:
-                yield piece
-        await asyncio.to_thread(thread.join)
+                if not rows:  # idle: wait briefly for companions being prepared, so they share a prefill
+                    until = time.monotonic() + self.max_wait_s
+                    while (self._preparing and len(self._incoming) < self.max_batch_size
+                           and (remaining := until - time.monotonic()) > 0):
+                        self._wakeup.wait(remaining)
+                joining = [self._incoming.popleft()
+                           for _ in range(min(self.max_batch_size - len(rows), len(self._incoming)))]
+            try:
+                with self._lock:
+                    rows = self._advance(batch, rows, joining)
+            except Exception as err:  # noqa: BLE001  a model failure fails the rows it was decoding, not the server
+                for row in rows + joining:
+                    if row.finish is None and row.error is None:
+                        row.error = err
+                    self._publish(row, done=True)  # a caller already answered ignores it
+                rows, self.rows = [], 0
+                batch = RunningBatch(self.model, self.processor.tokenizer.pad_token_id)
+        for row in rows + list(self._incoming):
+            row.error = RequestError(503, "the engine is shut down")
+            self._publish(row, done=True)
 
     async def close(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
+        with self._wakeup:
+            self._closed = True
+            self._wakeup.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+
+
+class Stream:
+    """Text pieces of one streamed request as its row decodes (an async iterator); `completion` at the end.
+
+    The first `__anext__` prepares the request (RequestError 4xx before any piece); `cancel()` (or
+    `aclose()`) takes an unfinished request out of the batch at the next decoding step. Joined, the
+    pieces are the Completion's text.
+    """
+
+    def __init__(self, engine: Engine, request: GenerationRequest):
+        self._engine, self._request = engine, request
+        self._row: _Row | None = None
+
+    def __aiter__(self) -> Stream:
+        return self
+
+    async def __anext__(self) -> str:
+        if self._row is None:
+            self._row = await self._engine._enqueue(self._request, None, streamed=True)
+        assert self._row.pieces is not None
+        piece = await self._row.pieces.get()
+        if piece is None:
+            self._row.pieces.put_nowait(None)  # a later __anext__ ends too
+            if self._row.error is not None:
+                raise self._row.error
+            raise StopAsyncIteration
+        return piece
+
+    @property
+    def completion(self) -> Completion | None:
+        """Token count and finish reason, once the stream has ended."""
+        row = self._row
+        return row.completion() if row is not None and row.finish is not None and row.error is None else None
+
+    def cancel(self) -> None:
+        """Synchronous, so it also works inside a cancelled task (a client that disconnected)."""
+        if self._row is not None:
+            self._engine._cancel(self._row)
+
+    async def aclose(self) -> None:
+        self.cancel()

@@ -9,7 +9,7 @@
          -d '{"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["Colour?"]}]}'
     openai.OpenAI(base_url="http://127.0.0.1:8080/openai/v1", api_key="secret").chat.completions.create(...)
 
-Routes: KServe's own (`/`, `/metrics` Prometheus, `/v1/models/<name>:predict`, `/v2/health/{live,ready}`,
+Routes: KServe's own (`/`, `/metrics` Prometheus with the engine's `onevision_engine_*` counters, `/v1/models/<name>:predict`, `/v2/health/{live,ready}`,
 `/v2/models/<name>/infer`, ...) plus `POST /openai/v1/chat/completions` (JSON or `stream: true` SSE).
 KServe's OpenAI routes need vllm, so that route is our own FastAPI route on KServe's app. Every door
 parses through serving.requests and queues on the same Engine, so a greedy answer is the same whichever
@@ -30,8 +30,8 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, ClassVar
 
 import kserve
 from fastapi import FastAPI, Request
@@ -224,12 +224,16 @@ def add_openai_route(app: FastAPI, model: OneVisionModel) -> None:
 
 
 async def _stream_response(model: OneVisionModel, generation: Any) -> Response:
-    engine = model._engine
-    pieces = engine.stream(generation)
+    """SSE chunks of a streamed request; its row decodes in the engine's running batch with every other
+    request, and a client that disconnects cancels it at the next decoding step."""
+    pieces = model._engine.stream(generation)
     try:  # the first piece runs prepare(): a bad request is still a plain 4xx, not a broken stream
         first = [await pieces.__anext__()]
     except StopAsyncIteration:
         first = []
+    except BaseException:
+        pieces.cancel()
+        raise
     chunk_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     def event(delta: dict[str, Any], finish_reason: str | None = None) -> str:
@@ -238,27 +242,16 @@ async def _stream_response(model: OneVisionModel, generation: Any) -> Response:
         return f"data: {json.dumps(chunk)}\n\n"
 
     async def events() -> AsyncIterator[str]:
-        # The JSON answer is stripped (Engine.generate_batch); hold back leading and trailing whitespace
-        # so that the joined stream is the same text.
-        text, held, started = "", "", False
+        # Joined, the engine's pieces are the JSON answer's text (stripped, cut at a stop string).
         try:
             yield event({"role": "assistant", "content": ""})
             async for piece in _chain(first, pieces):
-                piece = held + piece
-                if not started:
-                    piece = piece.lstrip()
-                    started = bool(piece)
-                body = piece.rstrip()
-                held = piece[len(body):]
-                if body:
-                    text += body
-                    yield event({"content": body})
-            # engine.stream reports no token count: "length" when the answer fills max_tokens (estimate).
-            n_tokens = len(engine.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
-            yield event({}, "length" if n_tokens >= generation.max_new_tokens else "stop")
+                yield event({"content": piece})
+            completion = pieces.completion
+            yield event({}, completion.finish_reason if completion else "stop")
             yield "data: [DONE]\n\n"
-        finally:
-            await pieces.aclose()
+        finally:  # also on a disconnect (Starlette cancels this task): the row leaves the batch
+            pieces.cancel()
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -268,6 +261,37 @@ async def _chain(first: list[str], rest: AsyncIterator[str]) -> AsyncIterator[st
         yield piece
     async for piece in rest:
         yield piece
+
+
+class EngineMetrics:
+    """Prometheus collector over the engine's counters (`GET /metrics`): rows decoding now, queued,
+    decoding steps, prefills, requests that left early, and the most steps a cancelled row kept decoding."""
+
+    HELP: ClassVar[dict[str, tuple[str, str]]] = {
+            "rows": ("gauge", "requests decoding in the running batch"),
+            "queued": ("gauge", "requests waiting to join the running batch"),
+            "peak_rows": ("gauge", "the most requests decoding at once so far"),
+            "steps": ("counter", "decoding steps run (one token for every row)"),
+            "prefills": ("counter", "forwards that let queued requests join the batch"),
+            "cancelled": ("counter", "requests that left the batch unfinished (client gone, timeout)"),
+            "cancel_lag_steps": ("gauge", "the most steps a cancelled request kept decoding after its cancel")}
+
+    def __init__(self) -> None:
+        self.model: OneVisionModel | None = None
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        engine = self.model.onevision if self.model is not None else None
+        if engine is None:
+            return
+        for key, value in engine.stats().items():
+            kind, text = self.HELP[key]
+            family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            yield family(f"onevision_engine_{key}", text, value=value)
+
+
+_METRICS = EngineMetrics()
 
 
 # ---- auth, errors, server ---------------------------------------------------------------------------
@@ -280,6 +304,11 @@ async def _request_error_handler(_: Request, err: Exception) -> JSONResponse:
 def install(app: FastAPI, model: OneVisionModel, token: str | None = None) -> None:
     """Our additions to KServe's app: the OpenAI route, RequestError -> its status, optional auth."""
     add_openai_route(app, model)
+    from prometheus_client import REGISTRY
+
+    if _METRICS.model is None:  # one collector per process; a later install points it at its model
+        REGISTRY.register(_METRICS)
+    _METRICS.model = model
     app.add_exception_handler(RequestError, _request_error_handler)
     if token:
         app.add_middleware(BearerAuth, token=token)

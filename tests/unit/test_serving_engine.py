@@ -1,5 +1,9 @@
-"""The serving engine: dynamic batching gives the same greedy answers as one-at-a-time, requests batch
-by sampling settings, timeouts answer 504, over-long prompts 400 before the queue, streaming matches."""
+"""The serving engine's continuous batching: answers are the one-at-a-time answers (greedy and seeded
+sampling), requests join and leave the running batch at each step, streams share it and a cancelled
+stream leaves within one step, timeouts answer 504, over-long prompts 400 before the queue.
+
+    OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/unit/test_serving_engine.py -q
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import asyncio
 import base64
 import io
 import time
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -35,10 +40,10 @@ def chat(question: str, colour=(200, 20, 20), **extra) -> dict:
                                                       {"type": "text", "text": question}]}], "max_tokens": 6, **extra}
 
 
-def test_dynamic_batching_gives_the_one_at_a_time_answers(engine: Engine) -> None:
+def test_batched_answers_are_the_one_at_a_time_answers(engine: Engine) -> None:
     requests = [parse_chat_request(chat(f"What is shape {i}?", (30 * i, 200, 10)), engine.limits) for i in range(6)]
     alone = [engine.generate_batch([r])[0] for r in requests]
-    before = engine.batches_run
+    engine.peak_rows = 0
 
     async def together():
         return await asyncio.gather(*(engine.submit(r) for r in requests))
@@ -46,19 +51,36 @@ def test_dynamic_batching_gives_the_one_at_a_time_answers(engine: Engine) -> Non
     batched = asyncio.run(together())
     assert [c.text for c in batched] == [c.text for c in alone]
     assert [c.completion_tokens for c in batched] == [c.completion_tokens for c in alone]
-    assert engine.batches_run - before == 2  # 6 requests, max_batch_size 4: two model calls
+    assert engine.peak_rows == 4  # 6 requests, max_batch_size 4: they shared the batch, never more than 4
 
 
-def test_sampling_settings_never_share_a_batch(engine: Engine) -> None:
-    greedy = [parse_chat_request(chat("a?"), engine.limits) for _ in range(2)]
-    sampled = [parse_chat_request(chat("b?", temperature=0.7, seed=1), engine.limits) for _ in range(2)]
-    before = engine.batches_run
+def test_requests_join_and_leave_the_running_batch_at_each_step(engine: Engine) -> None:
+    """Different lengths, greedy and seeded sampling, arriving while others decode: each answer is its
+    answer alone, a short request leaves as soon as it is done, and a late one joins the running batch."""
+    bodies = [chat("long?", max_tokens=40), chat("short?", (10, 10, 200), max_tokens=3),
+              chat("sampled?", (90, 90, 90), max_tokens=12, temperature=0.8, top_p=0.9, seed=7),
+              chat("late?", (0, 120, 0), max_tokens=5)]
+    requests = [parse_chat_request(b, engine.limits) for b in bodies]
+    alone = [engine.generate_batch([r])[0] for r in requests]
+    done: list[int] = []
 
-    async def together():
-        return await asyncio.gather(*(engine.submit(r) for r in greedy + sampled))
+    async def one(i: int, delay_steps: int):
+        start = engine.steps_run
+        while engine.steps_run < start + delay_steps:  # arrive while the others are decoding
+            await asyncio.sleep(0.002)
+        result = await engine.submit(requests[i])
+        done.append(i)
+        return result
 
-    asyncio.run(together())
-    assert engine.batches_run - before == 2
+    async def run():
+        return await asyncio.gather(one(0, 0), one(1, 0), one(2, 0), one(3, 6))
+
+    steps, prefills = engine.steps_run, engine.prefills_run
+    results = asyncio.run(run())
+    assert [(c.text, c.completion_tokens) for c in results] == [(c.text, c.completion_tokens) for c in alone]
+    assert done[-1] == 0 and done.index(1) < done.index(3)  # the short one left early; the late one too
+    assert engine.prefills_run - prefills == 2  # three started together, the late one joined at a step
+    assert engine.steps_run - steps <= alone[0].completion_tokens + 1  # all within the long one's steps
 
 
 def test_stop_strings_and_limits(engine: Engine) -> None:
@@ -86,12 +108,35 @@ def test_a_request_past_its_timeout_is_504(engine: Engine) -> None:
 
 def test_streaming_yields_the_greedy_answer(engine: Engine) -> None:
     request = parse_chat_request(chat("Stream it."), engine.limits)
-    expected = engine.generate_batch([request])[0].text
+    expected = engine.generate_batch([request])[0]
 
     async def collect():
-        return [piece async for piece in engine.stream(request)]
+        stream = engine.stream(request)
+        return [piece async for piece in stream], stream.completion
 
-    assert "".join(asyncio.run(collect())).strip() == expected
+    pieces, completion = asyncio.run(collect())
+    assert "".join(pieces) == expected.text and completion == expected
+
+
+def test_a_stream_shares_the_batch_and_a_cancelled_one_leaves_within_a_step(engine: Engine) -> None:
+    long_stream = parse_chat_request(chat("Go on.", max_tokens=64), engine.limits)
+    plain = parse_chat_request(chat("Quick?", (5, 5, 5), max_tokens=4), engine.limits)
+    expected = engine.generate_batch([plain])[0]
+
+    async def run() -> tuple[Any, int, int, int]:
+        stream = engine.stream(long_stream)
+        await stream.__anext__()  # decoding
+        answer = await engine.submit(plain)  # answered while the stream decodes: it joined the batch
+        assert engine.rows == 1 and stream.completion is None
+        cancelled, steps = engine.cancelled, engine.steps_run
+        stream.cancel()
+        while engine.rows:  # the decoding thread takes the row out at its next step
+            await asyncio.sleep(0.001)
+        return answer, engine.cancelled - cancelled, engine.steps_run - steps, engine.cancel_lag_steps
+
+    answer, cancelled, steps_after, lag = asyncio.run(run())
+    assert answer == expected and cancelled == 1
+    assert lag <= 1 and steps_after <= 1  # its slot was free within one step, not after 64 tokens
 
 
 def test_budgets_are_derived_from_the_model_unless_set(engine: Engine, tiny_recipe) -> None:
