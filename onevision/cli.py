@@ -6,9 +6,12 @@
     eval "$(onevision stack env)"
     onevision stack status | down
     onevision curate --recipe recipes/tiny.yaml --stage stage2_si --out /tmp/si [--workers 2] [--force]
-    onevision run --recipe recipes/tiny.yaml                  # the pipeline DAG under kfp.local, local stack
+    onevision run --recipe recipes/tiny.yaml [--s3-port 8333] [--mlflow-port 5000]   # the DAG under kfp.local
     onevision compile --recipe recipes/ov-7b.yaml -o ov-7b.yaml   # KFP YAML (--all: pipelines/compiled/)
     onevision submit --host https://kfp.example.com --recipe recipes/ov-7b.yaml [--param k=v]
+    onevision serve --model s3://onevision/runs/tiny/R/stage2_ov/hf --backend kserve|triton --port 8080
+    onevision promote llava-onevision-tiny --version 3 --env prod [--canary 10] --gitops-repo REPO
+    onevision rollback llava-onevision-tiny --env prod --gitops-repo REPO
 
 Each subcommand imports its package inside the handler, so `onevision recipe ...` never loads torch.
 """
@@ -22,6 +25,11 @@ import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+
+def _one_line(err: BaseException) -> str:
+    """An error's message on one line, whatever its source (a log tail, a wrapped exception)."""
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def _recipe_validate(args: argparse.Namespace) -> int:
@@ -58,7 +66,7 @@ def _curate(args: argparse.Namespace) -> int:
         summary = run(args.recipe, args.stage, args.out, workers=args.workers, force=args.force,
                       keep_work=args.keep_work, work_dir=args.work_dir)
     except (CurationError, RecipeError, StorageError, OSError) as err:  # DiskFullError is an OSError
-        print(f"curate: {' '.join(str(err).split())}", file=sys.stderr)  # one line, whatever the source
+        print(f"curate: {_one_line(err)}", file=sys.stderr)
         return 1
     t = summary["totals"]
     print(f"{args.stage}: {t['records_in']} in, {t['kept']} kept, {t['duplicates']} duplicates, "
@@ -95,22 +103,42 @@ def _stack(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from onevision import stack
+    from onevision.recipe import RecipeError, load_recipe
+    from onevision.storage import StorageError
     from pipelines.local import PipelineFailed, print_summary, run_local
 
-    from onevision.recipe import RecipeError
-
+    recipe = args.recipe_option or args.recipe
     try:
-        summary = run_local(args.recipe_option or args.recipe, state_dir=args.state_dir, run_id=args.run_id,
-                            gitops_repo=args.gitops_repo)
-    except RecipeError as err:  # before anything starts: the offending field named
+        load_recipe(recipe)  # before anything starts: the offending field named
+        _stack_for_run(args)
+        summary = run_local(recipe, state_dir=args.state_dir, run_id=args.run_id, gitops_repo=args.gitops_repo)
+    except RecipeError as err:
         print(f"run: {err}", file=sys.stderr)
         return 1
     except PipelineFailed as err:
         print(f"\nrun FAILED: {err}", file=sys.stderr)
         return 1
+    except (stack.StackError, StorageError, OSError) as err:  # a port taken, no git, a full disk...
+        print(f"run: {_one_line(err)}", file=sys.stderr)
+        return 1
     print_summary(summary)
     print(f"wall time {summary['wall_s']:.0f} s")
     return 0
+
+
+def _stack_for_run(args: argparse.Namespace) -> None:
+    """Bring the local stack up on the ports asked for (run_local then finds it running). A stack that
+    already runs keeps its ports: say so when other ones were asked for."""
+    from onevision import stack
+
+    info = stack.stack_up(args.state_dir, s3_port=args.s3_port or DEFAULT_S3_PORT,
+                          mlflow_port=args.mlflow_port or DEFAULT_MLFLOW_PORT)
+    running = {"--s3-port": int(info.s3_endpoint.rsplit(":", 1)[1]), "--mlflow-port": int(info.mlflow_uri.rsplit(":", 1)[1])}
+    for flag, asked in (("--s3-port", args.s3_port), ("--mlflow-port", args.mlflow_port)):
+        if asked and asked != running[flag]:
+            print(f"run: {flag} {asked} ignored: the local stack in {info.state_dir} already runs on port "
+                  f"{running[flag]} (`onevision stack down` first to move it)", file=sys.stderr)
 
 
 def _compile(args: argparse.Namespace) -> int:
@@ -189,6 +217,10 @@ def _promote(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_S3_PORT, DEFAULT_MLFLOW_PORT = 8333, 5000
+S3_PORT_HELP = "S3 port, default 8333; SeaweedFS takes it and the next 9"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onevision", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -204,8 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     stack = sub.add_parser("stack", help="the local S3 + MLflow stack on 127.0.0.1")
     stack.add_argument("action", choices=["up", "down", "status", "env"])
     stack.add_argument("--state-dir", default=None, help="pid files, logs, data (default .onevision/stack)")
-    stack.add_argument("--s3-port", type=int, default=8333, help="S3 port; SeaweedFS uses this and the next 9")
-    stack.add_argument("--mlflow-port", type=int, default=5000)
+    stack.add_argument("--s3-port", type=int, default=DEFAULT_S3_PORT, help=S3_PORT_HELP)
+    stack.add_argument("--mlflow-port", type=int, default=DEFAULT_MLFLOW_PORT, help="MLflow port (default 5000)")
     stack.set_defaults(handler=_stack)
 
     from onevision.recipe import STAGE_NAMES
@@ -228,10 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-id", default=None, help="pipeline run id; reuse one to resume (default: new)")
     run.add_argument("--gitops-repo", default=os.environ.get("ONEVISION_GITOPS_REPO"),
                      help="GitOps repository the deploy step pushes to (default: a bare repo in the state dir)")
+    run.add_argument("--s3-port", type=int, default=None, help=S3_PORT_HELP + " (when the run starts the stack)")
+    run.add_argument("--mlflow-port", type=int, default=None,
+                     help="MLflow port, default 5000 (when the run starts the stack)")
     run.set_defaults(handler=_run)
 
     comp = sub.add_parser("compile", help="compile the KFP pipeline of a recipe to YAML")
-    comp.add_argument("--recipe", help="recipe YAML inside the repository")
+    comp.add_argument("--recipe", help="a recipe in the repository's recipes/ folder (the image carries only those)")
     comp.add_argument("-o", "--output", help="compiled pipeline YAML to write")
     comp.add_argument("--all", action="store_true", help="every recipes/*.yaml -> pipelines/compiled/")
     comp.set_defaults(handler=_compile)

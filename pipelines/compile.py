@@ -21,13 +21,15 @@ RECIPES_DIR = ROOT / "recipes"
 
 
 def image_recipe_uri(recipe_path: str | Path) -> str:
-    """Where a pod finds the recipe: its path relative to the repo root (the image's working directory)."""
-    path = Path(recipe_path).absolute()
-    try:
-        return path.relative_to(ROOT).as_posix()
-    except ValueError:
-        raise ValueError(f"{recipe_path}: compile recipes that live in the repository (the image carries "
-                         f"{RECIPES_DIR.relative_to(ROOT)}/), or upload one to S3 and pass recipe_uri at submit") from None
+    """Where a pod finds the recipe: `recipes/<file>`, relative to the image's working directory, which
+    holds the repository's recipes/ and nothing else. ValueError for a recipe anywhere else (symlinks and
+    `..` resolved first): the pod could not read it."""
+    path = Path(recipe_path).resolve()
+    if path.parent != RECIPES_DIR:
+        raise ValueError(f"{recipe_path}: not in the repository's {RECIPES_DIR.relative_to(ROOT)}/ folder, the only "
+                         f"recipes the project image carries; move it there (and rebuild the image), or upload one "
+                         f"to S3 and pass its URI as recipe_uri at submit")
+    return path.relative_to(ROOT).as_posix()
 
 
 def compile_pipeline(recipe_path: str | Path, out: str | Path) -> Path:
