@@ -411,9 +411,10 @@ def single_process_env() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--recipe", required=True, help="recipe YAML")
+def add_stage_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags of one stage's training. The train step's CLI (`python -m components.train.core`) takes
+    these same flags, plus its own --run-id, and hands them on to this module."""
+    parser.add_argument("--recipe", required=True, help="recipe YAML: local path or s3://")
     parser.add_argument("--stage", required=True, choices=STAGE_NAMES)
     parser.add_argument("--data", required=True, help="the stage's curated shards: local dir or s3:// prefix")
     parser.add_argument("--out", required=True, help="stage output: checkpoints/ and hf/ go below it")
@@ -423,6 +424,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mlflow-parent", default=os.environ.get("ONEVISION_MLFLOW_PARENT_RUN"),
                         help="parent MLflow run id (the pipeline run); tracking is off without MLFLOW_TRACKING_URI")
     parser.add_argument("--summary", default=None, help="write the stage summary JSON here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = add_stage_arguments(argparse.ArgumentParser(prog="python -m model.train",
+                                                         description=__doc__.split("\n\n")[0]))
     args = parser.parse_args(argv)
     single_process_env()
     try:

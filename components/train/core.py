@@ -3,6 +3,9 @@
     python -m components.train.core --recipe recipes/tiny.yaml --stage stage1 \
         --data s3://onevision/runs/tiny/r1/curate/stage1 --out s3://onevision/runs/tiny/r1/stage1
 
+It takes `python -m model.train`'s flags (one definition, model.train.add_stage_arguments) and hands
+them on, plus --run-id (names a TrainJob).
+
 One node: `python -m model.train` (one process per GPU through torchrun when the pod has more than one
 GPU) in this pod's own process tree. More than one node (`cluster.steps.<stage>.nodes` in the recipe):
 a TrainJob on the ClusterTrainingRuntime of infra/platform/base/trainer-runtime.yaml runs the same
@@ -25,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from onevision import storage
-from onevision.recipe import STAGE_NAMES, load_recipe
+from onevision.recipe import load_recipe
 
 
 class TrainStepError(RuntimeError):
@@ -33,12 +36,15 @@ class TrainStepError(RuntimeError):
 
 
 def train_args(recipe_uri: str, stage: str, data_uri: str, out_uri: str, init_uri: str | None,
-               work_dir: str | None, mlflow_parent: str | None) -> list[str]:
+               work_dir: str | None, mlflow_parent: str | None, holdout: int | None = None,
+               summary_path: str | None = None) -> list[str]:
     """The arguments of `model.train`, the same on every node."""
     args = ["--recipe", recipe_uri, "--stage", stage, "--data", data_uri, "--out", out_uri]
     args += ["--init", init_uri] if init_uri else []
     args += ["--work-dir", work_dir] if work_dir else []
     args += ["--mlflow-parent", mlflow_parent] if mlflow_parent else []
+    args += ["--holdout", str(holdout)] if holdout is not None else []
+    args += ["--summary", summary_path] if summary_path else []
     return args
 
 
@@ -69,12 +75,16 @@ def trainjob_name(run_id: str, stage: str) -> str:
 def run(recipe_uri: str, stage: str, data_uri: str, out_uri: str, init_uri: str | None = None,
         mlflow_parent: str | None = None, work_dir: str | None = None, run_id: str = "local",
         node_selector: dict[str, str] | None = None, tolerations: list[dict[str, Any]] | None = None,
-        trainjob_path: str | None = None, timeout_s: float = 7 * 24 * 3600, poll_s: float = 10.0) -> dict[str, Any]:
-    """Train `stage` and return its published checkpoint's metadata plus `hf_uri` and how it ran (`mode`)."""
+        trainjob_path: str | None = None, timeout_s: float = 7 * 24 * 3600, poll_s: float = 10.0,
+        holdout: int | None = None, summary_path: str | None = None) -> dict[str, Any]:
+    """Train `stage` and return its published checkpoint's metadata plus `hf_uri` and how it ran (`mode`).
+    `holdout` goes to model.train (its default when None); `summary_path` gets the stage summary: the
+    trainer's own in this pod, else (already published, or a TrainJob) the published metadata + `hf_uri`."""
     hf_uri = storage.join(out_uri, "hf")
     done = _published(hf_uri)
     if done is not None:  # a rerun of a finished step costs one manifest read, not a trainer start-up
         print(f"[train] {stage}: already published at {hf_uri}", flush=True)
+        _write_summary(summary_path, {**done, "hf_uri": hf_uri})
         return {**done, "hf_uri": hf_uri, "mode": "published"}
 
     recipe = load_recipe(recipe_uri)
@@ -82,11 +92,11 @@ def run(recipe_uri: str, stage: str, data_uri: str, out_uri: str, init_uri: str 
     if resources.nodes > 1:
         mode = "trainjob"
         _run_trainjob(recipe_uri, stage, data_uri, out_uri, init_uri, mlflow_parent, run_id, recipe, node_selector,
-                      tolerations, trainjob_path, timeout_s, poll_s)
+                      tolerations, trainjob_path, timeout_s, poll_s, holdout)
     else:
         mode = "local"
-        cmd = train_command(train_args(recipe_uri, stage, data_uri, out_uri, init_uri, work_dir, mlflow_parent),
-                            resources.gpus)
+        cmd = train_command(train_args(recipe_uri, stage, data_uri, out_uri, init_uri, work_dir, mlflow_parent,
+                                       holdout, summary_path), resources.gpus)
         env = dict(os.environ)
         if not resources.gpus:
             env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed probes CUDA otherwise
@@ -97,19 +107,26 @@ def run(recipe_uri: str, stage: str, data_uri: str, out_uri: str, init_uri: str 
     done = _published(hf_uri)
     if done is None:
         raise TrainStepError(f"{stage}: training ended but {hf_uri} is not published")
+    if mode == "trainjob":  # the trainer wrote its summary on the node
+        _write_summary(summary_path, {**done, "hf_uri": hf_uri})
     return {**done, "hf_uri": hf_uri, "mode": mode}
+
+
+def _write_summary(path: str | None, summary: dict[str, Any]) -> None:
+    if path:
+        Path(path).write_text(json.dumps(summary, indent=1, default=str))
 
 
 def _run_trainjob(recipe_uri: str, stage: str, data_uri: str, out_uri: str, init_uri: str | None,
                   mlflow_parent: str | None, run_id: str, recipe: Any, node_selector: dict[str, str] | None,
                   tolerations: list[dict[str, Any]] | None, trainjob_path: str | None, timeout_s: float,
-                  poll_s: float) -> None:
+                  poll_s: float, holdout: int | None) -> None:
     from components import PROJECT_IMAGE
     from components.train.trainjob import run_trainjob, trainjob_manifest
 
     resources = recipe.cluster.resources(stage)
     # every node runs model.train under the runtime's torchrun; scratch on the node's own disk
-    args = train_args(recipe_uri, stage, data_uri, out_uri, init_uri, "/scratch", mlflow_parent)
+    args = train_args(recipe_uri, stage, data_uri, out_uri, init_uri, "/scratch", mlflow_parent, holdout)
     env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI",
                                       "ONEVISION_PIPELINE_RUN_ID", "ONEVISION_MLFLOW_EXPERIMENT") if k in os.environ}
     manifest = trainjob_manifest(
@@ -127,19 +144,23 @@ def _run_trainjob(recipe_uri: str, stage: str, data_uri: str, out_uri: str, init
     run_trainjob(manifest, timeout_s=timeout_s, poll_s=poll_s, log=lambda line: print(line, flush=True))
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """model.train's own flags (one definition: model.train.add_stage_arguments), plus --run-id."""
+    from model.train import add_stage_arguments
+
     parser = argparse.ArgumentParser(prog="python -m components.train.core", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--recipe", required=True, help="recipe YAML: local path or s3://")
-    parser.add_argument("--stage", required=True, choices=STAGE_NAMES)
-    parser.add_argument("--data", required=True, help="the stage's curated shards (published prefix)")
-    parser.add_argument("--out", required=True, help="the stage's output prefix: checkpoints/ and hf/ go below it")
-    parser.add_argument("--init", default=None, help="the previous stage's <out>/hf")
-    parser.add_argument("--mlflow-parent", default=None, help="the pipeline's parent MLflow run id")
+    add_stage_arguments(parser)
     parser.add_argument("--run-id", default="local", help="the pipeline run id (names a TrainJob)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     with tempfile.TemporaryDirectory(prefix=f"train-{args.stage}-") as scratch:
+        # --work-dir: model.train's scratch in this pod (a TrainJob's nodes use their own /scratch)
         result = run(args.recipe, args.stage, args.data, args.out, args.init, args.mlflow_parent,
-                     work_dir=scratch, run_id=args.run_id)
+                     work_dir=args.work_dir or scratch, run_id=args.run_id, holdout=args.holdout,
+                     summary_path=args.summary)
     print(json.dumps(result, indent=1, default=str))
     return 0
 
