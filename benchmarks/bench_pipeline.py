@@ -127,7 +127,7 @@ def run_dag(recipe_path: Path, state: Path, run_id: str, gitops: str, params: di
 
 def run_direct(recipe_path: Path, run_id: str, gitops: str, params: dict[str, Any]) -> dict[str, Any]:
     """The DAG's steps as plain calls of their cores, in its order, with its arguments."""
-    from components.curate.core import run as curate
+    from components.curate.core import DataRecipe, run_data
     from components.evaluate.core import run as evaluate
     from components.export.core import run as export
     from components.preflight.core import run as preflight
@@ -154,12 +154,15 @@ def run_direct(recipe_path: Path, run_id: str, gitops: str, params: dict[str, An
         return out
 
     started = time.perf_counter()
-    pre = step("preflight", preflight, str(recipe_path), RUNS_ROOT, run_id, _overrides(values, recipe))
+    # curated data of its own: the DAG's, under the stack's shared data root, would otherwise be reused
+    pre = step("preflight", preflight, str(recipe_path), RUNS_ROOT, run_id, _overrides(values, recipe),
+               f"s3://onevision/curated-direct/{run_id}")
     run_uri, pinned, parent = pre["run_uri"], pre["recipe_uri"], pre["mlflow_parent"]
     init, data_uris, checkpoints, verdict = "", {}, {}, None
     for stage in STAGE_NAMES:
-        cur = step("curate", curate, pinned, stage, f"{run_uri}/curate/{stage}",
-                   workers=values["curate_workers"] or None, mlflow_parent=parent, work_dir="")
+        planned = pre["data"][stage]
+        cur = step("curate", lambda **kw: run_data(DataRecipe.from_json(planned["data_recipe"]), planned["data_uri"], **kw),
+                   workers=values["curate_workers"] or None, work_dir="")
         trained = step("train", train, pinned, stage, cur["uri"], f"{run_uri}/{stage}", init or None, parent,
                        work_dir="", run_id=pre["run_id"], node_selector=values["gpu_node_selector"],
                        tolerations=values["gpu_tolerations"], trainjob_path="")

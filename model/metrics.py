@@ -76,12 +76,12 @@ def flops_per_token_factor(trainable: set[str]) -> dict[str, int]:
 
 class StageTracker:
     def __init__(self, recipe: Recipe, stage_name: str, stage: StageSpec, model: torch.nn.Module, out: str,
-                 parent_run: str | None, is_main: bool):
+                 parent_run: str | None, is_main: bool, data_uri: str | None = None):
         from model.train import numel, part_of
 
         self.recipe, self.stage_name, self.stage, self.out = recipe, stage_name, stage, out
         self.enabled = is_main and bool(os.environ.get("MLFLOW_TRACKING_URI"))
-        self.parent_run = parent_run
+        self.parent_run, self.data_uri = parent_run, data_uri
         self.params = {part: 0 for part in ORDER}
         for name, param in model.named_parameters():
             self.params[part_of(name)] += numel(param)
@@ -133,7 +133,22 @@ class StageTracker:
         mlflow.log_params(tracking.flatten_params({"stage": self.stage.model_dump(mode="json"),
                                                    "world_size": int(os.environ.get("WORLD_SIZE", "1")),
                                                    "params": self.params}))
+        self._log_data_card()
         storage.write_bytes(marker, json.dumps({"run_id": self.run_id}).encode())
+
+    def _log_data_card(self) -> None:
+        """The curated data this stage trains on, in its run: URI, manifest hash, counts and the card (curation
+        is cached across pipeline runs, so the stage's run, not a curate run, is where the lineage lives)."""
+        import mlflow
+
+        if not self.data_uri or not storage.exists(storage.join(self.data_uri, "data_card.md")):
+            return
+        card = json.loads(storage.read_bytes(storage.join(self.data_uri, "data_card.json")))
+        mlflow.log_params({"data_uri": self.data_uri, "data_manifest_sha256": storage.manifest_hash(self.data_uri),
+                           "data_recipe_hash": card.get("data_recipe_hash", "")})
+        mlflow.log_metrics({f"data_{k}": v for k, v in card["totals"].items()})
+        mlflow.log_dict(card, "data_card.json")
+        mlflow.log_text(storage.read_bytes(storage.join(self.data_uri, "data_card.md")).decode(), "data_card.md")
 
     def callback(self) -> TrainerCallback:
         tracker = self

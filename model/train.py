@@ -351,7 +351,7 @@ def train_stage(recipe: Recipe, stage_name: str, data_uri: str, out: str, init: 
                                 f"use a new --out or the matching recipe")
         log(f"{stage_name}: resuming from {uri} (step {step})")
 
-    tracker = metrics.StageTracker(recipe, stage_name, stage, model, out, mlflow_parent, rank() == 0)
+    tracker = metrics.StageTracker(recipe, stage_name, stage, model, out, mlflow_parent, rank() == 0, data_uri)
     publisher = metrics.CheckpointPublisher(out, model_signature(model), rank() == 0)
     trainer = make_trainer(recipe, stage, stage_name, args, model, processor, train_set, eval_set,
                            [tracker.callback(), publisher], on_batch=tracker.count_batch)

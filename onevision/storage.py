@@ -250,6 +250,20 @@ def open_read(uri: str) -> Iterator[IO[bytes]]:
         response.release_conn()
 
 
+def stat(uri: str) -> dict[str, Any]:
+    """Identity of one object or file, to tell a replaced one apart: S3 ETag and size; a local file's size
+    and modification time (ns). StorageNotFoundError if there is none."""
+    if not is_s3(uri):
+        try:
+            info = Path(uri).stat()
+        except FileNotFoundError:
+            raise StorageNotFoundError(f"stat {uri}: no such file") from None
+        return {"size": info.st_size, "mtime_ns": info.st_mtime_ns}
+    loc = parse_s3(uri)
+    obj = _with_retries(f"stat {uri}", lambda: s3_client().stat_object(loc.bucket, loc.key))
+    return {"size": int(obj.size), "etag": str(obj.etag).strip('"')}
+
+
 def size(uri: str) -> int:
     """Bytes in one object or file (StorageNotFoundError if there is none)."""
     if not is_s3(uri):

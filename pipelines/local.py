@@ -5,6 +5,8 @@
 The same DAG as on a cluster (pipelines/onevision.py), executed by `kfp.local.SubprocessRunner`: each
 task is a subprocess of this interpreter, in topological order; kfp-kubernetes placement, resources and
 retries have no effect locally. Outputs go to `s3://onevision/runs/<recipe>/<run id>/` on the local stack,
+curated data to `s3://onevision/curated/<recipe>/<stage>/<data recipe hash>/` (a second run with the same
+data reuses it),
 the MLflow run tree to the local MLflow, the deploy step's branch to a bare GitOps repository in the
 stack's state folder. A run id that already exists resumes: each step finds its published output (or
 the newest complete checkpoint) and skips (or continues); nothing finished is redone.
@@ -12,6 +14,7 @@ the newest complete checkpoint) and skips (or continues); nothing finished is re
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -22,6 +25,7 @@ from onevision import stack, storage, tracking
 from onevision.recipe import load_recipe
 
 RUNS_ROOT = f"s3://{stack.DATA_BUCKET}/runs"
+DATA_ROOT = f"s3://{stack.DATA_BUCKET}/curated"  # content-addressed curated data, shared by runs
 
 
 class PipelineFailed(RuntimeError):
@@ -47,13 +51,22 @@ def _metadata(uri: str) -> dict[str, Any] | None:
         return None
 
 
+def curated_uris(run_uri: str) -> dict[str, str]:
+    """{stage: its curated data's prefix}, as preflight pinned them for the run ({} before preflight)."""
+    try:
+        plan = json.loads(storage.read_bytes(storage.join(run_uri, "recipe", "data.json")))
+    except storage.StorageNotFoundError:
+        return {}
+    return {stage: entry["data_uri"] for stage, entry in plan.items()}
+
+
 def run_summary(recipe_path: str, run_uri: str, run_id: str, mlflow_ui: str) -> dict[str, Any]:
     """What a run produced, read back from S3 and MLflow (so it also describes a resumed run)."""
     from mlflow.tracking import MlflowClient
 
     recipe = load_recipe(recipe_path)
     stages = {name: _metadata(f"{run_uri}/{name}/hf") for name, _ in recipe.stages.enabled()}
-    curated = {name: _metadata(f"{run_uri}/curate/{name}") for name, _ in recipe.stages.enabled()}
+    curated = {name: _metadata(uri) for name, uri in curated_uris(run_uri).items()}
     evaluations = {name: _metadata(f"{run_uri}/evaluate/{name}") for name in recipe.evaluation.after_stages}
     client = MlflowClient()
     versions = [v for v in client.search_model_versions(f"name = '{recipe.registered_model_name}'", max_results=1000)
@@ -106,7 +119,7 @@ def run_local(recipe_path: str, state_dir: str | None = None, run_id: str | None
     run_uri = storage.join(RUNS_ROOT, recipe.name, run_id)
     print(f"run        {run_id}  ->  {run_uri}\nMLflow     {info.mlflow_uri}", flush=True)
 
-    pipeline = build_pipeline(recipe, recipe_path, RUNS_ROOT)
+    pipeline = build_pipeline(recipe, recipe_path, RUNS_ROOT, DATA_ROOT)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(state / "kfp" / run_id))
     started = time.monotonic()
     try:

@@ -93,7 +93,8 @@ def _place(task: dsl.PipelineTask, step: str, recipe: Recipe, params: dict[str, 
     return task
 
 
-def build_pipeline(recipe: Recipe, recipe_uri: str, runs_root: str = "s3://onevision/runs") -> Callable[..., Any]:
+def build_pipeline(recipe: Recipe, recipe_uri: str, runs_root: str = "s3://onevision/runs",
+                   data_root: str = "s3://onevision/curated") -> Callable[..., Any]:
     """The KFP pipeline for `recipe`; `recipe_uri` is what pods read (a path in the image, or s3://)."""
     enabled = [name for name, _ in recipe.stages.enabled()]
     if enabled != list(STAGE_NAMES):
@@ -110,6 +111,7 @@ def build_pipeline(recipe: Recipe, recipe_uri: str, runs_root: str = "s3://onevi
         run_id: str = "",
         recipe_uri: str = recipe_uri,
         runs_root: str = runs_root,
+        data_root: str = data_root,
         curate_workers: int = d["curate_workers"],
         stage1_learning_rate: float = d["stage1_learning_rate"],
         stage1_vision_tower_learning_rate: float = d["stage1_vision_tower_learning_rate"],
@@ -146,6 +148,7 @@ def build_pipeline(recipe: Recipe, recipe_uri: str, runs_root: str = "s3://onevi
             run_id: Run id; outputs go to <runs_root>/<recipe>/<run_id>. Empty: the KFP run's id. Reuse an id to resume.
             recipe_uri: The recipe every step reads (a path inside the project image, or s3://).
             runs_root: S3 prefix under which runs are written.
+            data_root: S3 prefix of curated data, content-addressed (<data_root>/<recipe>/<stage>/<data recipe hash>) and shared by every run with the same data.
             curate_workers: Decode/validate processes per curation step (0: one per CPU core).
             stage1_learning_rate: Stage-1 (alignment, projector only) peak learning rate.
             stage1_vision_tower_learning_rate: Stage-1 vision tower learning rate (0 while the tower is frozen).
@@ -176,7 +179,7 @@ def build_pipeline(recipe: Recipe, recipe_uri: str, runs_root: str = "s3://onevi
             canary_percent: Canary traffic percent of the deployment (0: the recipe's).
         """
         params = dict(locals())
-        pre = preflight(recipe_uri=recipe_uri, runs_root=runs_root, run_id=run_id,
+        pre = preflight(recipe_uri=recipe_uri, runs_root=runs_root, data_root=data_root, run_id=run_id,
                         kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, overrides=_overrides(params, recipe))
         _place(pre, "preflight", recipe, params, "preflight")
         run_uri, pinned, parent = pre.outputs["run_uri"], pre.outputs["recipe_uri"], pre.outputs["mlflow_parent"]
@@ -184,8 +187,9 @@ def build_pipeline(recipe: Recipe, recipe_uri: str, runs_root: str = "s3://onevi
         init, previous, evaluations = "", None, {}
         data_uris, checkpoints = {}, {}
         for stage in enabled:
-            cur = curate(recipe_uri=pinned, stage=stage, out_uri=f"{run_uri}/curate/{stage}",
-                         workers=curate_workers, mlflow_parent=parent).set_display_name(f"curate {stage}")
+            # nothing run-specific in: a run with the same data recipe hits the cache (or the published prefix)
+            cur = curate(data_recipe=pre.outputs[f"{stage}_data_recipe"], out_uri=pre.outputs[f"{stage}_data_uri"],
+                         workers=curate_workers).set_display_name(f"curate {stage}")
             _place(cur, "curate", recipe, params, "curate", cache=True)
             multi_node = recipe.cluster.resources(stage).nodes > 1
             train = train_stage(recipe_uri=pinned, stage=stage, data_uri=cur.outputs["shards_uri"], init_uri=init,

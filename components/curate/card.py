@@ -1,7 +1,7 @@
 """The data card of one curated stage: what went in, what was kept, and why the rest was not.
 
     stats = CardStats(); stats.add_kept(verdict, source); ...
-    card = stats.card(stage="stage2_si", recipe=recipe)   # JSON-able dict
+    card = stats.card("stage2_si", "tiny", data_recipe_hash, shards)   # JSON-able dict
     markdown = render_markdown(card)
 
 Counts by source (in = kept + duplicates + rejected, and what sampling left out), by modality and task
@@ -65,14 +65,13 @@ class CardStats:
         self.by_source_task[(source.name, verdict.task)] += 1
         self.tokens[token_bin(verdict.num_tokens)] += 1
 
-    def card(self, stage: str, recipe_name: str, recipe_hash: str, data_recipe_hash: str,
-             shards: list[dict[str, Any]]) -> dict[str, Any]:
+    def card(self, stage: str, recipe_name: str, data_recipe_hash: str, shards: list[dict[str, Any]]) -> dict[str, Any]:
         reasons: Counter[str] = Counter()
         for s in self.sources:
             reasons.update(s.reasons)
         totals = {k: sum(getattr(s, k) for s in self.sources) for k in ("records_in", "kept", "duplicates", "rejected")}
         return {
-            "stage": stage, "recipe": recipe_name, "recipe_hash": recipe_hash, "data_recipe_hash": data_recipe_hash,
+            "stage": stage, "recipe": recipe_name, "data_recipe_hash": data_recipe_hash,
             "totals": totals,
             "sources": [s.as_dict() for s in self.sources],
             "modality": dict(sorted(self.modality.items())),
@@ -94,7 +93,7 @@ def render_markdown(card: dict[str, Any]) -> str:
     t = card["totals"]
     parts = [
         f"# Data card: {card['recipe']} / {card['stage']}",
-        f"Recipe hash `{card['recipe_hash'][:12]}`, data recipe hash `{card['data_recipe_hash'][:12]}`. {t['records_in']} records in: {t['kept']} kept, "
+        f"Data recipe hash `{card['data_recipe_hash'][:12]}`. {t['records_in']} records in: {t['kept']} kept, "
         f"{t['duplicates']} duplicates, {t['rejected']} rejected; {len(card['shards'])} shard(s), "
         f"{sum(s['bytes'] for s in card['shards'])} bytes.",
         "## Sources",

@@ -2,8 +2,10 @@
 
     onevision curate --recipe recipes/tiny.yaml --stage stage2_si --out /tmp/si [--workers 2] [--force]
 
-    from components.curate.core import curate_stage, run
-    summary = curate_stage(load_recipe("recipes/tiny.yaml"), "stage1", out="s3://onevision/runs/r1/curate/stage1")
+    from components.curate.core import DataRecipe, curate_data, curate_stage, run
+    summary = curate_stage(load_recipe("recipes/tiny.yaml"), "stage1", out="/tmp/stage1")
+    data = DataRecipe.of(load_recipe("recipes/tiny.yaml"), "stage1")    # what the pipeline curates from
+    summary = curate_data(data, out=data.curated_uri("s3://onevision/curated"))
 
 Per mixture entry, streamed (memory stays flat in the dataset size): read (sources.py: LLaVA JSON/JSONL
 with a media folder or tar, parquet with embedded images, synthetic://shapes), sample by index with the
@@ -15,10 +17,11 @@ optionally re-caption (recaption.py), and write WebDataset shards. Published ato
 bytes, sha256), `data_card.json` and `data_card.md`, then the manifest last. Same recipe, same bytes,
 whatever the worker count: no reason names an object address, a path of this machine or a time.
 
-Reuse (`run`): a prefix that already holds a published stage is returned as it is only when its card
-records this stage and this stage's data recipe hash (`data_recipe_hash`: the mixture, the curation
-settings, the stage's limits, the seed); anything else is refused (StaleOutputError) unless `force`,
-which withdraws the old publish (manifest first) and curates again. Work folders (synthetic worlds,
+Reuse (`run`, `run_data`): a prefix that already holds a published stage is returned as it is only when
+its card records this stage's data recipe hash (datarecipe.py: the mixture, the curation settings, the
+stage's limits, the seed, the record files' identity); anything else is refused (StaleOutputError)
+unless `force`, which withdraws the old publish (manifest first) and curates again. The pipeline
+curates into the data recipe's content-addressed prefix, so a second run with the same data reuses it. Work folders (synthetic worlds,
 staging) are removed on success and on failure unless `keep_work`; S3 sources are streamed, not copied.
 """
 
@@ -36,7 +39,6 @@ import shutil
 import tempfile
 import time
 from collections import deque
-from dataclasses import asdict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -45,15 +47,15 @@ from typing import Any, TypeVar
 
 from components.curate.card import CardStats, SourceStats, render_markdown
 from components.curate.checks import Limits, Verdict, check_item
+from components.curate.datarecipe import DataRecipe
 from components.curate.dedup import Deduplicator
 from components.curate.sources import (CurationError, MediaMissing, RawRecord, Source, check_relative,
                                        open_source, synthetic_world)
 from onevision import storage
 from onevision.recipe import Recipe, load_recipe
 
-__all__ = ["CurationError", "DiskFullError", "StaleOutputError", "apply_sampling", "curate_stage",
-           "data_recipe_hash", "run", "select_indices", "synthetic_world"]
-CURATION_FORMAT = 2  # part of every data recipe hash: bump when the same inputs would curate to other bytes
+__all__ = ["CurationError", "DataRecipe", "DiskFullError", "StaleOutputError", "apply_sampling", "curate_data",
+           "curate_stage", "run", "run_data", "select_indices", "synthetic_world"]
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -140,15 +142,14 @@ class _Quarantine:
         self.stream.close()
 
 
-def _kept_records(recipe: Recipe, stage_name: str, work: Path, workers: int, stats: CardStats,
+def _kept_records(data: DataRecipe, work: Path, workers: int, stats: CardStats,
                   quarantine: _Quarantine, recaption_uri: str) -> Iterator[tuple[dict[str, Any], dict[str, bytes]]]:
     """The stage's kept (record, media) in deterministic order; counts and quarantines the rest."""
-    stage = getattr(recipe.stages, stage_name)
-    limits = Limits.for_stage(recipe, stage_name)
-    dedup = Deduplicator(recipe.curation.dedup, recipe.curation.near_dup_distance)
-    for index, entry in enumerate(stage.data):
-        source = open_source(entry, work, recipe.training.seed)
-        selected, available = select_indices(entry.sampling_strategy, source.count, recipe.training.seed + index)
+    limits: Limits = data.limits
+    dedup = Deduplicator(data.curation.dedup, data.curation.near_dup_distance)
+    for index, entry in enumerate(data.data):
+        source = open_source(entry, work, data.seed)
+        selected, available = select_indices(entry.sampling_strategy, source.count, data.seed + index)
         counts = SourceStats(source.name, entry.sampling_strategy, available)
         stats.sources.append(counts)
 
@@ -194,26 +195,6 @@ class StaleOutputError(CurationError):
     """`out` already holds a stage curated from another data recipe (or another stage)."""
 
 
-def _stage(recipe: Recipe, stage_name: str) -> Any:
-    stage = getattr(recipe.stages, stage_name, None)
-    if stage is None:
-        raise CurationError(f"recipe {recipe.name} has no stage {stage_name!r}")
-    return stage
-
-
-def data_recipe_hash(recipe: Recipe, stage_name: str) -> str:
-    """sha256 of everything that decides the bytes of a stage's curated data, and nothing else (the
-    learning rate or the worker count do not): the mixture, the curation settings, the stage's limits,
-    the seed. Sources are named by URI: data replaced under the same name is not detected."""
-    curation = recipe.curation.model_dump(mode="json")
-    curation.pop("workers")
-    doc = {"format": CURATION_FORMAT, "stage": stage_name,
-           "data": [entry.model_dump(mode="json") for entry in _stage(recipe, stage_name).data],
-           "curation": curation, "limits": asdict(Limits.for_stage(recipe, stage_name)),
-           "seed": recipe.training.seed}
-    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
 class DiskFullError(OSError):
     """Curation ran out of disk (ENOSPC/EDQUOT); the message names the path, and nothing was published."""
 
@@ -242,26 +223,32 @@ def _shard_table(staging: Path) -> list[dict[str, Any]]:
 
 def curate_stage(recipe: Recipe, stage_name: str, out: str, work_dir: str | None = None,
                  workers: int | None = None, keep_work: bool = False) -> dict[str, Any]:
+    """curate_data for a stage of a recipe (its record files fingerprinted now)."""
+    return curate_data(DataRecipe.of(recipe, stage_name), out, work_dir, workers, keep_work)
+
+
+def curate_data(data: DataRecipe, out: str, work_dir: str | None = None, workers: int | None = None,
+                keep_work: bool = False) -> dict[str, Any]:
     """Build and publish one stage's shards under `out`; returns the summary (also in curation.json).
 
+    `workers`: check processes (default: the recipe's `curation.workers`; 0 = one per core).
     `work_dir` (default: a new temporary folder) holds generated synthetic worlds and the staging copy;
     what this call put there is removed when it returns or fails, unless `keep_work`."""
-    _stage(recipe, stage_name)
-    workers = recipe.curation.workers if workers is None else workers
-    workers = workers or os.cpu_count() or 1  # 0 = one per core, from the recipe or the caller
-    work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix=f"curate-{stage_name}-"))
+    workers = data.curation.workers if workers is None else workers
+    workers = workers or os.cpu_count() or 1
+    work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix=f"curate-{data.stage}-"))
     work.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f"publish-{stage_name}-", dir=work))  # never a previous run's files
+    staging = Path(tempfile.mkdtemp(prefix=f"publish-{data.stage}-", dir=work))  # never a previous run's files
     try:
-        summary = _curate_into(recipe, stage_name, out, work, staging, workers)
+        summary = _curate_into(data, out, work, staging, workers)
         return {**summary, "work_dir": str(work)} if keep_work else summary
     finally:
         if not keep_work:
             shutil.rmtree(work if not work_dir else staging, ignore_errors=True)
 
 
-def _curate_into(recipe: Recipe, stage_name: str, out: str, work: Path, staging: Path,
-                 workers: int) -> dict[str, Any]:
+def _curate_into(data: DataRecipe, out: str, work: Path, staging: Path, workers: int) -> dict[str, Any]:
+    stage_name = data.stage
     stats = CardStats()
     quarantine = _Quarantine(staging / "quarantine.jsonl")
     started = time.perf_counter()
@@ -270,13 +257,12 @@ def _curate_into(recipe: Recipe, stage_name: str, out: str, work: Path, staging:
     publishing = False
     try:
         try:
-            kept = _kept_records(recipe, stage_name, work, workers, stats, quarantine, f"{out.rstrip('/')}-recaption")
-            write_shards(kept, staging, max_per_shard=recipe.curation.shard_max_records,
-                         max_bytes=recipe.curation.shard_max_bytes)
+            kept = _kept_records(data, work, workers, stats, quarantine, f"{out.rstrip('/')}-recaption")
+            write_shards(kept, staging, max_per_shard=data.curation.shard_max_records,
+                         max_bytes=data.curation.shard_max_bytes)
         finally:
             quarantine.close()
-        card = stats.card(stage_name, recipe.name, recipe.hash(), data_recipe_hash(recipe, stage_name),
-                          _shard_table(staging))
+        card = stats.card(stage_name, data.recipe, data.hash(), _shard_table(staging))
         for source in card["sources"]:  # the invariant the quarantine promises; a bug here must not publish
             if source["records_in"] != source["kept"] + source["duplicates"] + source["rejected"]:
                 raise RuntimeError(f"curation counts do not reconcile for {source['source']}: {source}")
@@ -327,43 +313,49 @@ def _unpublish(out_uri: str) -> None:
 def run(recipe_uri: str, stage: str, out_uri: str, workers: int | None = None,
         mlflow_parent: str | None = None, work_dir: str | None = None, force: bool = False,
         keep_work: bool = False) -> dict[str, Any]:
-    """The pipeline step: curate `stage` of the recipe at `recipe_uri` (path or s3://) into `out_uri`.
-
-    A stage already published at `out_uri` from the same data recipe is returned as it is (a resumed or
-    retried run curates nothing twice); from another one, StaleOutputError, or with `force` it is
-    withdrawn and curated again. With `mlflow_parent`, logs counts, throughput and the data card (JSON +
-    Markdown) to a nested run `curate_<stage>` under that pipeline run.
-    """
+    """`onevision curate`: run_data for `stage` of the recipe at `recipe_uri` (path or s3://)."""
     scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", out_uri)
     if scheme and scheme.group(1) != "s3":
         raise CurationError(f"{out_uri}: curation publishes to a local path or s3://bucket/prefix, "
                             f"not {scheme.group(1)}://")
-    recipe = load_recipe(recipe_uri)
-    expected = data_recipe_hash(recipe, stage)
+    return run_data(DataRecipe.of(load_recipe(recipe_uri), stage), out_uri, workers, mlflow_parent, work_dir,
+                    force, keep_work)
+
+
+def run_data(data: DataRecipe, out_uri: str, workers: int | None = None, mlflow_parent: str | None = None,
+             work_dir: str | None = None, force: bool = False, keep_work: bool = False) -> dict[str, Any]:
+    """The pipeline step's core: curate `data` into `out_uri` (`reused` in the result says whether it did).
+
+    A stage already published at `out_uri` from the same data recipe is returned as it is (a resumed or
+    retried run, or another run with the same data, curates nothing twice); from another one,
+    StaleOutputError, or with `force` it is withdrawn and curated again. With `mlflow_parent`, logs counts,
+    throughput and the data card (JSON + Markdown) to a nested run `curate_<stage>` under that pipeline run.
+    """
+    expected, stage = data.hash(), data.stage
     published = published_summary(out_uri)
     if published is not None:
         recorded = (published.get("stage"), published.get("data_recipe_hash"))
         if recorded == (stage, expected):
-            return published
+            return {**published, "reused": True}
         if not force:
             held = (f"{recorded[0]} curated from data recipe {recorded[1][:12]}" if recorded[1]
                     else f"{recorded[0]} with no data recipe hash (curated by an older version)")
             raise StaleOutputError(
-                f"{out_uri} already holds {held}, not {stage} of recipe {recipe.name} (data recipe "
+                f"{out_uri} already holds {held}, not {stage} of recipe {data.recipe} (data recipe "
                 f"{expected[:12]}): curate into another --out, or pass --force to replace it")
         _unpublish(out_uri)
     if not mlflow_parent:
-        summary = curate_stage(recipe, stage, out_uri, work_dir, workers, keep_work)
+        summary = curate_data(data, out_uri, work_dir, workers, keep_work)
     else:
         import mlflow
 
         from onevision import tracking
 
         with tracking.step_run(f"curate_{stage}", mlflow_parent, params={"out_uri": out_uri}):
-            summary = curate_stage(recipe, stage, out_uri, work_dir, workers, keep_work)
+            summary = curate_data(data, out_uri, work_dir, workers, keep_work)
             mlflow.log_metrics({**summary["totals"], "records_per_s": summary["records_per_s"]})
             card = {k: v for k, v in summary.items() if k not in ("card_markdown", "seconds", "records_per_s", "workers", "uri")}
             mlflow.log_dict(card, "data_card.json")
             mlflow.log_text(summary["card_markdown"], "data_card.md")
-    summary.update(summary["totals"], manifest_sha256=storage.manifest_hash(out_uri))
+    summary.update(summary["totals"], manifest_sha256=storage.manifest_hash(out_uri), reused=False)
     return summary

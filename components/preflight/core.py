@@ -10,8 +10,12 @@ Checks, all of them, reported together (one run fails once, with every reason):
   mlflow       the tracking server answers /health within seconds (not after minutes of client retries)
   registry     the model registry answers, and the champion's version (if any) can be read
   recipe       the recipe with the run's overrides validates; a resumed run id keeps the same recipe
-Then it publishes the resolved recipe at `<run_uri>/recipe/recipe.yaml` (what every later step reads) and
-opens the pipeline's parent MLflow run. Rerunning with the same run id resumes: nothing is redone.
+Then it publishes the resolved recipe at `<run_uri>/recipe/recipe.yaml` (what every later step reads)
+with `data.json`: each enabled stage's data recipe (components/curate/datarecipe.py: the mixture, the
+curation settings, the record files' ETags) and the content-addressed prefix its shards go to,
+`<data_root>/<recipe>/<stage>/<hash>`, shared by every run with the same data (so curation is cached).
+Then it opens the pipeline's parent MLflow run. Rerunning with the same run id resumes: nothing is
+redone, and the pinned data recipes are read back rather than fingerprinted again.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from components.curate.datarecipe import DataRecipe
 from onevision import storage, tracking
 from onevision.recipe import STAGE_NAMES, Recipe, RecipeError, dump_recipe, load_recipe, parse_recipe
 
@@ -112,25 +117,49 @@ def check_mlflow(recipe: Recipe, timeout_s: float = 5.0) -> list[str]:
     return []
 
 
-def publish_recipe(recipe: Recipe, run_uri: str) -> str:
-    """Pin the run's recipe; a resumed run id must carry the same one. Returns its URI."""
+def default_data_root(runs_root: str) -> str:
+    """`curated` beside the runs: s3://onevision/runs -> s3://onevision/curated."""
+    parent, _, name = runs_root.rstrip("/").rpartition("/")
+    return storage.join(parent if name and not parent.endswith(":/") else runs_root, "curated")
+
+
+def plan_data(recipe: Recipe, data_root: str) -> dict[str, dict[str, str]]:
+    """{stage: {"data_recipe": JSON, "data_uri": content-addressed prefix}} for every enabled stage."""
+    plan = {}
+    for name, _ in recipe.stages.enabled():
+        data = DataRecipe.of(recipe, name)
+        plan[name] = {"data_recipe": data.to_json(), "data_uri": data.curated_uri(data_root)}
+    return plan
+
+
+def publish_recipe(recipe: Recipe, run_uri: str, data_root: str) -> tuple[str, dict[str, dict[str, str]]]:
+    """Pin the run's recipe and its stages' data recipes; a resumed run id must carry the same recipe.
+    Returns the recipe's URI and the data plan (read back when the run already exists)."""
     prefix = storage.join(run_uri, "recipe")
     uri = storage.join(prefix, "recipe.yaml")
     try:
-        pinned = storage.read_manifest(prefix)["metadata"]["recipe_hash"]
+        pinned = storage.read_manifest(prefix)
     except storage.ManifestMissingError:
+        plan = plan_data(recipe, data_root)
         with tempfile.TemporaryDirectory() as tmp:
             Path(tmp, "recipe.yaml").write_text(dump_recipe(recipe))
+            Path(tmp, "data.json").write_text(json.dumps(plan, indent=1, sort_keys=True))
             storage.publish_dir(tmp, prefix, metadata={"recipe_hash": recipe.hash()})
-        return uri
-    if pinned != recipe.hash():
-        raise PreflightError(f"recipe: run {run_uri} already exists with recipe hash {pinned[:12]}, but this run's "
-                             f"recipe (with its parameters) hashes to {recipe.hash()[:12]}; start a new run id")
-    return uri
+        return uri, plan
+    if pinned["metadata"]["recipe_hash"] != recipe.hash():
+        raise PreflightError(f"recipe: run {run_uri} already exists with recipe hash "
+                             f"{pinned['metadata']['recipe_hash'][:12]}, but this run's recipe (with its "
+                             f"parameters) hashes to {recipe.hash()[:12]}; start a new run id")
+    if "data.json" not in pinned["files"]:  # pinned before data recipes were: plan them now
+        return uri, plan_data(recipe, data_root)
+    return uri, json.loads(storage.read_bytes(storage.join(prefix, "data.json")))
 
 
-def run(recipe_uri: str, runs_root: str, run_id: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Check, pin the recipe, open the MLflow parent run. Returns run_id, run_uri, recipe_uri, mlflow_parent."""
+def run(recipe_uri: str, runs_root: str, run_id: str, overrides: dict[str, Any] | None = None,
+        data_root: str | None = None) -> dict[str, Any]:
+    """Check, pin the recipe and its data recipes, open the MLflow parent run. Returns run_id, run_uri,
+    recipe_uri, mlflow_parent, recipe_hash and `data` ({stage: {data_recipe, data_uri}}); `data_root`
+    defaults to `curated` beside `runs_root`."""
     try:
         recipe = apply_overrides(load_recipe(recipe_uri), overrides or {})
     except RecipeError as err:
@@ -139,15 +168,17 @@ def run(recipe_uri: str, runs_root: str, run_id: str, overrides: dict[str, Any] 
     if problems:
         raise PreflightError("preflight failed, nothing was started:\n  " + "\n  ".join(problems))
     run_uri = storage.join(runs_root, recipe.name, run_id)
-    pinned_uri = publish_recipe(recipe, run_uri)
+    data_root = data_root or default_data_root(runs_root)
+    pinned_uri, plan = publish_recipe(recipe, run_uri, data_root)
     parent = tracking.ensure_pipeline_run(recipe, run_id)
     with tracking.step_run("preflight", parent, params={"recipe_uri": recipe_uri, "overrides": overrides or {}}):
         import mlflow
 
         mlflow.log_text(dump_recipe(recipe), "recipe.yaml")
+        mlflow.log_dict(plan, "data.json")
     print(f"[preflight] ok: run {run_id} -> {run_uri} (recipe {recipe.hash()[:12]}, MLflow parent {parent})", flush=True)
     return {"run_id": run_id, "run_uri": run_uri, "recipe_uri": pinned_uri, "mlflow_parent": parent,
-            "recipe_hash": recipe.hash()}
+            "recipe_hash": recipe.hash(), "data": plan}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,11 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipe", required=True, help="recipe YAML: local path or s3://")
     parser.add_argument("--runs-root", default="s3://onevision/runs", help="runs live at <root>/<recipe>/<run id>")
     parser.add_argument("--run-id", required=True)
+    parser.add_argument("--data-root", default=None, help="curated data live at <root>/<recipe>/<stage>/<hash> "
+                                                          "(default: curated beside --runs-root)")
     parser.add_argument("--override", action="append", default=[], metavar="FIELD=VALUE")
     args = parser.parse_args(argv)
     overrides = dict(item.split("=", 1) for item in args.override)
     try:
-        result = run(args.recipe, args.runs_root, args.run_id, overrides)
+        result = run(args.recipe, args.runs_root, args.run_id, overrides, args.data_root)
     except PreflightError as err:
         print(err, file=sys.stderr)
         return 2

@@ -43,6 +43,12 @@ def run_cli(local_stack, gitops: Path, run_id: str = RUN, timeout: float = 3600)
                           timeout=timeout)
 
 
+def curated(prefix: str = PREFIX) -> dict[str, str]:
+    """{stage: the content-addressed prefix of its curated data}, as the run's preflight pinned them."""
+    plan = json.loads(storage.read_bytes(f"{prefix}/recipe/data.json"))
+    return {stage: plan[stage]["data_uri"] for stage in STAGES}
+
+
 def kill_once_stage2_si_checkpointed(local_stack, gitops: Path, log: Path) -> dict[str, str]:
     """Start the run, SIGKILL it (all its processes) after Stage-2 SI's first complete checkpoint.
     Returns the manifests' hashes of what had finished by then."""
@@ -61,10 +67,12 @@ def kill_once_stage2_si_checkpointed(local_stack, gitops: Path, log: Path) -> di
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     # kfp.local's topological order may curate stage2_ov before or after Stage-2 SI trains
-    published = [uri for uri in [f"curate/{s}" for s in STAGES] + [f"{s}/hf" for s in STAGES]
-                 if storage.exists(f"{PREFIX}/{uri}/{storage.MANIFEST_NAME}")]
-    assert {"curate/stage2_si", "stage1/hf", "stage1_5/hf"} <= set(published) and "stage2_si/hf" not in published
-    return {uri: storage.manifest_hash(f"{PREFIX}/{uri}") for uri in published}
+    data = curated()
+    published = [uri for uri in [*data.values(), *(f"{PREFIX}/{s}/hf" for s in STAGES)]
+                 if storage.exists(f"{uri}/{storage.MANIFEST_NAME}")]
+    assert {data["stage2_si"], f"{PREFIX}/stage1/hf", f"{PREFIX}/stage1_5/hf"} <= set(published)
+    assert f"{PREFIX}/stage2_si/hf" not in published
+    return {uri: storage.manifest_hash(uri) for uri in published}
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +95,9 @@ def flow(local_stack, gitops: Path, tmp_path_factory: pytest.TempPathFactory) ->
 def test_every_step_published_its_outputs(flow) -> None:
     recipe = load_recipe(ROOT / "recipes/tiny.yaml")
     assert storage.read_manifest(f"{PREFIX}/recipe")["metadata"]["recipe_hash"] == recipe.hash()
-    for stage in STAGES:
-        assert storage.read_manifest(f"{PREFIX}/curate/{stage}")["metadata"]["kept"] > 0
+    for stage, data_uri in curated().items():
+        assert data_uri.startswith(f"s3://onevision/curated/tiny/{stage}/")  # content-addressed, outside the run
+        assert storage.read_manifest(data_uri)["metadata"]["kept"] > 0
         hf = storage.read_manifest(f"{PREFIX}/{stage}/hf")
         assert {"config.json", "model.safetensors", "processor_config.json"} <= set(hf["files"])
         meta = hf["metadata"]
@@ -103,14 +112,14 @@ def test_every_step_published_its_outputs(flow) -> None:
 
 
 def test_the_interrupted_run_resumed_without_redoing_finished_steps(flow) -> None:
-    after = {uri: storage.manifest_hash(f"{PREFIX}/{uri}") for uri in flow["before_kill"]}
+    after = {uri: storage.manifest_hash(uri) for uri in flow["before_kill"]}
     assert after == flow["before_kill"]  # republishing would have rewritten them
     assert "stage2_si: resuming from" in flow["resumed"].stdout + flow["resumed"].stderr
     client = MlflowClient()
     experiment = client.get_experiment_by_name("onevision-tiny")
     runs = client.search_runs([experiment.experiment_id], f"tags.`{tracking.TAG_PIPELINE_RUN}` = '{RUN}'")
     steps = [r.data.tags[tracking.TAG_STEP] for r in runs]
-    for step in ("pipeline", "stage1", "stage1_5", "stage2_si", *(f"curate_{s}" for s in STAGES)):
+    for step in ("pipeline", "stage1", "stage1_5", "stage2_si"):
         assert steps.count(step) == 1, (step, sorted(steps))  # the resumed stage continued its own run
     recipe = load_recipe(ROOT / "recipes/tiny.yaml")
     si = next(r for r in runs if r.data.tags[tracking.TAG_STEP] == "stage2_si")
@@ -124,13 +133,16 @@ def test_mlflow_has_the_run_tree_and_training_metrics(flow) -> None:
     experiment = client.get_experiment_by_name("onevision-tiny")
     runs = client.search_runs([experiment.experiment_id], f"tags.`{tracking.TAG_PIPELINE_RUN}` = '{RUN}'")
     by_step = {r.data.tags[tracking.TAG_STEP]: r for r in runs}
-    assert {"pipeline", "preflight", "evaluate_stage2_si", "evaluate_stage2_ov", *STAGES,
-            *(f"curate_{s}" for s in STAGES)} <= set(by_step), sorted(by_step)
+    assert {"pipeline", "preflight", "evaluate_stage2_si", "evaluate_stage2_ov", *STAGES} <= set(by_step), sorted(by_step)
     parent = by_step["pipeline"].info.run_id
+    data = curated()
     for stage in STAGES:
         run = by_step[stage]
         assert run.data.tags["mlflow.parentRunId"] == parent
         assert run.data.params["stage.lr"] == str(getattr(recipe.stages, stage).lr)
+        # the data it trained on: curation is cached across runs, so its lineage lives in the stage's run
+        assert run.data.params["data_uri"] == data[stage] and run.data.metrics["data_kept"] > 0
+        assert "data_card.md" in {a.path for a in client.list_artifacts(run.info.run_id)}
         for key in ("grad_norm", "samples_per_s", "tokens_per_s", "mfu", "peak_memory_gb", "lr_rest"):
             assert key in run.data.metrics, (stage, key)
     assert "lr_vision_tower" in by_step["stage2_si"].data.metrics
@@ -189,13 +201,15 @@ def test_rerunning_a_finished_run_redoes_nothing(flow, local_stack, gitops: Path
     experiment = client.get_experiment_by_name("onevision-tiny")
     query = f"tags.`{tracking.TAG_PIPELINE_RUN}` = '{RUN}'"
     runs_before = len(client.search_runs([experiment.experiment_id], query))
+    data_created = {uri: storage.read_manifest(uri)["created"] for uri in curated().values()}
     again = run_cli(local_stack, gitops, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     output = again.stdout + again.stderr
     for stage in STAGES:
         assert f"[train] {stage}: already published" in output
-    # preflight opens one nested run per attempt; a curation, training or evaluation redone would add its own
+    # preflight opens one nested run per attempt; a training or evaluation redone would add its own
     assert len(client.search_runs([experiment.experiment_id], query)) == runs_before + 1
+    assert {uri: storage.read_manifest(uri)["created"] for uri in data_created} == data_created  # not curated again
 
 
 def copy_published(src: str, dst: str, tmp: Path, **metadata: object) -> None:
@@ -206,14 +220,15 @@ def copy_published(src: str, dst: str, tmp: Path, **metadata: object) -> None:
 
 def test_a_failed_gate_stops_the_dag_before_register_and_deploy(flow, local_stack, gitops: Path, tmp_path: Path) -> None:
     """A champion far better than this model: the OV gate fails on max_regression, the run fails naming
-    it, and nothing is exported, registered or deployed. Curated data, checkpoints and the SI evaluation
-    are e2e-1's, republished under the new run, so only the OV evaluation runs."""
+    it, and nothing is exported, registered or deployed. Checkpoints and the SI evaluation are e2e-1's,
+    republished under the new run, so only the OV evaluation runs; the curated data is e2e-1's by itself
+    (the same data recipes, so the same content-addressed prefixes, reused and not republished)."""
     from components.evaluate.core import EVAL_TAG_PREFIX
 
     recipe = load_recipe(ROOT / "recipes/tiny.yaml")
     run, prefix = "e2e-gate", "s3://onevision/runs/tiny/e2e-gate"
+    data_created = {uri: storage.read_manifest(uri)["created"] for uri in curated().values()}
     for stage in STAGES:
-        copy_published(f"{PREFIX}/curate/{stage}", f"{prefix}/curate/{stage}", tmp_path)
         copy_published(f"{PREFIX}/{stage}/hf", f"{prefix}/{stage}/hf", tmp_path)
     copy_published(f"{PREFIX}/evaluate/stage2_si", f"{prefix}/evaluate/stage2_si", tmp_path,
                    model=f"{prefix}/stage2_si/hf")
@@ -232,4 +247,5 @@ def test_a_failed_gate_stops_the_dag_before_register_and_deploy(flow, local_stac
     gate = json.loads(storage.read_bytes(f"{prefix}/evaluate/stage2_ov/gate.json"))
     assert gate["passed"] is False and any("champion" in r for r in gate["reasons"])
     assert not storage.exists(f"{prefix}/export/_MANIFEST.json")
+    assert curated(prefix) == curated() and {u: storage.read_manifest(u)["created"] for u in data_created} == data_created
     assert not [v for v in client.search_model_versions(f"name = '{name}'") if v.tags.get(tracking.TAG_PIPELINE_RUN) == run]

@@ -2,8 +2,9 @@
 
     pytest tests/integration/test_curate_component.py -q
 
-The component reads its recipe from S3 and publishes under a fresh S3 prefix, as in a cluster where pods
-share no filesystem. The tiny recipe's Stage-1 world is cut to 60 records to keep the test short. The
+The component takes a stage's data recipe (JSON) and its content-addressed S3 prefix, as preflight pins
+them, and publishes there, as in a cluster where pods share no filesystem; a second call (another run
+with the same data) reuses what is published. The tiny recipe's Stage-1 world is cut to 60 records to keep the test short. The
 compile test checks that the component runs on the project image and installs nothing at run time.
 """
 
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from onevision import storage, tracking
+from onevision import storage
 from onevision.recipe import dump_recipe, load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,23 +35,20 @@ def small_recipe(tmp_path: Path) -> Path:
 
 # kfp.local warns that a non-Python base_image may lack dependencies; here the subprocess is this venv.
 @pytest.mark.filterwarnings("ignore:You may be attemping to run a task:RuntimeWarning")
-def test_curate_component_runs_locally_on_s3(local_stack: object, kfp_local: Path, tmp_path: Path) -> None:
-    from mlflow.tracking import MlflowClient
-
+def test_curate_component_runs_locally_on_s3_and_a_second_run_reuses_it(local_stack: object, kfp_local: Path,
+                                                                        tmp_path: Path) -> None:
     from components.curate.component import curate
+    from components.curate.datarecipe import DataRecipe
 
-    prefix = f"s3://onevision/tests/curate-component/{uuid.uuid4().hex[:12]}"
-    recipe_path = small_recipe(tmp_path)
-    recipe_uri = f"{prefix}/recipe.yaml"
-    storage.put_file(recipe_path, recipe_uri)
-    out_uri = f"{prefix}/stage1"
-    parent = tracking.ensure_pipeline_run(load_recipe(recipe_path), pipeline_run_id=f"test-{prefix[-12:]}")
+    root = f"s3://onevision/tests/curate-component/{uuid.uuid4().hex[:12]}"
+    data = DataRecipe.of(load_recipe(small_recipe(tmp_path)), "stage1")
+    out_uri = data.curated_uri(root)  # what preflight pins for every run with this data recipe
 
-    task = curate(recipe_uri=recipe_uri, stage="stage1", out_uri=out_uri, workers=1, mlflow_parent=parent)
+    task = curate(data_recipe=data.to_json(), out_uri=out_uri, workers=1)
 
     # Parameters: only the URI, the lineage key and counts cross KFP.
-    assert task.outputs["shards_uri"] == out_uri
-    assert task.outputs["kept"] > 0
+    assert task.outputs["shards_uri"] == out_uri and out_uri.endswith(data.hash()[:16])
+    assert task.outputs["kept"] > 0 and task.outputs["reused"] is False
     assert task.outputs["manifest_sha256"] == storage.manifest_hash(out_uri)
 
     # The data shards are in S3, published (manifest last), not in the pipeline root.
@@ -61,18 +59,17 @@ def test_curate_component_runs_locally_on_s3(local_stack: object, kfp_local: Pat
     card = task.outputs["data_card"]
     assert Path(card.path).is_file() and Path(card.path).read_text().strip()
     assert Path(card.path).is_relative_to(kfp_local)
-    assert card.metadata["uri"] == out_uri
+    assert card.metadata["uri"] == out_uri and card.metadata["data_recipe_hash"] == data.hash()
     assert card.metadata["manifest_sha256"] == task.outputs["manifest_sha256"]
 
     metrics = task.outputs["metrics"].metadata
     assert metrics["kept"] == task.outputs["kept"]
     assert {"duplicates", "rejected"} <= set(metrics)
 
-    # The core logged into a nested run under the given parent.
-    client = MlflowClient()
-    experiment_id = client.get_run(parent).info.experiment_id
-    children = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
-    assert children and all(run.info.status == "FINISHED" for run in children)
+    # Another pipeline run, same data recipe (another worker count too): the published stage is reused as it is
+    again = curate(data_recipe=data.to_json(), out_uri=out_uri, workers=2)
+    assert again.outputs["reused"] is True and again.outputs["kept"] == task.outputs["kept"]
+    assert storage.read_manifest(out_uri)["created"] == manifest["created"]  # not republished
 
 
 def test_curate_component_compiles_for_the_project_image(compiled_component) -> None:
@@ -80,9 +77,9 @@ def test_curate_component_compiles_for_the_project_image(compiled_component) -> 
 
     doc = compiled_component(curate)
     component = doc["components"]["comp-curate"]
-    assert set(component["inputDefinitions"]["parameters"]) == {
-        "recipe_uri", "stage", "out_uri", "workers", "mlflow_parent"}
+    # nothing run-specific (run id, MLflow parent, pinned recipe URI): what makes KFP's cache hit across runs
+    assert set(component["inputDefinitions"]["parameters"]) == {"data_recipe", "out_uri", "workers"}
     outputs = component["outputDefinitions"]
-    assert set(outputs["parameters"]) == {"shards_uri", "manifest_sha256", "kept"}
+    assert set(outputs["parameters"]) == {"shards_uri", "manifest_sha256", "kept", "reused"}
     assert {k: v["artifactType"]["schemaTitle"] for k, v in outputs["artifacts"].items()} == {
         "data_card": "system.Markdown", "metrics": "system.Metrics"}

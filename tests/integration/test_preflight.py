@@ -3,6 +3,7 @@ is named (all of them at once), fast; a resumed run id must keep its recipe. Als
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 from components.preflight.core import PreflightError, run
 from onevision import storage
+from onevision.recipe import STAGE_NAMES
 from tests.conftest import free_port_block
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,6 +30,23 @@ def test_a_healthy_stack_passes_and_pins_the_recipe(local_stack) -> None:
     with pytest.raises(PreflightError, match="already exists with recipe hash"):
         run(RECIPE, "s3://onevision/runs", run_id, {"stage1.lr": "0.003"})
     assert not storage.list_uris("s3://onevision/runs/_preflight/")  # the probe object was removed
+
+
+def test_each_stage_data_recipe_is_pinned_and_shared_by_runs_with_the_same_data(local_stack) -> None:
+    from components.curate.datarecipe import DataRecipe
+
+    first = run(RECIPE, "s3://onevision/runs", f"pf-{uuid.uuid4().hex[:6]}", {"stage1.lr": "0.002"})
+    plan = first["data"]
+    assert set(plan) == set(STAGE_NAMES)
+    stage1 = DataRecipe.from_json(plan["stage1"]["data_recipe"])
+    assert plan["stage1"]["data_uri"] == f"s3://onevision/curated/tiny/stage1/{stage1.hash()[:16]}"
+    pinned = json.loads(storage.read_bytes(first["recipe_uri"].replace("recipe.yaml", "data.json")))
+    assert pinned == plan
+    # another run that changes training only: the same curated prefixes; a change to the data: a new one
+    other_lr = run(RECIPE, "s3://onevision/runs", f"pf-{uuid.uuid4().hex[:6]}", {"stage1.lr": "0.005"})
+    assert other_lr["data"] == plan
+    other_seed = run(RECIPE, "s3://onevision/runs", f"pf-{uuid.uuid4().hex[:6]}", {"training.seed": "11"})
+    assert all(other_seed["data"][s]["data_uri"] != plan[s]["data_uri"] for s in STAGE_NAMES)
 
 
 def test_every_problem_is_named_at_once_and_fast(local_stack, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -60,9 +79,11 @@ def test_missing_credentials_and_a_missing_input_are_named(local_stack, monkeypa
 def test_the_component_under_kfp_local(local_stack, kfp_local: Path, compiled_component) -> None:
     from components.preflight.component import preflight
 
-    task = preflight(recipe_uri=RECIPE, runs_root="s3://onevision/runs", run_id="", kfp_run_id="kfp-uuid-1",
-                     overrides={"training.seed": "5"})
+    task = preflight(recipe_uri=RECIPE, runs_root="s3://onevision/runs", data_root="s3://onevision/curated-test",
+                     run_id="", kfp_run_id="kfp-uuid-1", overrides={"training.seed": "5"})
     assert task.outputs["run_id"] == "kfp-uuid-1"  # an empty run_id takes the KFP run's id
     assert task.outputs["run_uri"] == "s3://onevision/runs/tiny/kfp-uuid-1"
     assert "seed: 5" in storage.read_bytes(task.outputs["recipe_uri"]).decode()
+    assert task.outputs["stage2_ov_data_uri"].startswith("s3://onevision/curated-test/tiny/stage2_ov/")
+    assert '"stage":"stage2_ov"' in task.outputs["stage2_ov_data_recipe"]
     assert "comp-preflight" in compiled_component(preflight)["components"]

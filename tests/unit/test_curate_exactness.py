@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from components.curate.core import StaleOutputError, curate_stage, data_recipe_hash, run
+from components.curate.core import DataRecipe, StaleOutputError, curate_stage, run
 from model.shards import ShardDataset
 from onevision import storage
 from onevision.cli import main as onevision
@@ -74,7 +74,7 @@ def test_a_published_stage_is_reused_only_for_the_same_data_recipe(tmp_path: Pat
     out = str(tmp_path / "out")
     first = run(base, "stage1", out)
     card = json.loads((tmp_path / "out" / "curation.json").read_text())
-    assert card["data_recipe_hash"] == first["data_recipe_hash"] == data_recipe_hash(load_recipe(base), "stage1")
+    assert card["data_recipe_hash"] == first["data_recipe_hash"] == DataRecipe.of(load_recipe(base), "stage1").hash()
 
     def must_not_curate(*args, **kwargs):
         raise AssertionError("curated again")

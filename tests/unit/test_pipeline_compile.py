@@ -88,6 +88,17 @@ def test_dag_order_gate_and_caching(preset: str) -> None:
     for name, task in tasks.items():
         cached = task.get("cachingOptions", {}).get("enableCache", False)
         assert cached == name.startswith("curate"), f"{name}: caching {cached}"
+    # curation can hit KFP's cache across runs: its inputs are preflight's pinned data recipe and content-addressed
+    # prefix and the worker count, nothing that differs between two runs with the same data
+    for number, stage in enumerate(STAGES, 1):
+        name = "curate" if number == 1 else f"curate-{number}"
+        params = tasks[name]["inputs"]["parameters"]
+        assert set(params) == {"data_recipe", "out_uri", "workers"}, params
+        assert params["data_recipe"]["taskOutputParameter"] == {"producerTask": "preflight",
+                                                                "outputParameterKey": f"{stage}_data_recipe"}
+        assert params["out_uri"]["taskOutputParameter"] == {"producerTask": "preflight",
+                                                            "outputParameterKey": f"{stage}_data_uri"}
+        assert params["workers"] == {"componentInputParameter": "curate_workers"}
     # tasks are numbered in creation order: stage1 is train-stage, stage1_5 train-stage-2, ...; SI's eval is evaluate
     assert {"preflight", "curate"} <= deps["train-stage"]
     assert {"train-stage", "curate-2"} <= deps["train-stage-2"]
