@@ -215,18 +215,20 @@ class Engine:
         return tokens
 
     def _take(self, row: _Row, token: int) -> None:
-        """Append a decoded token to its row: finish on <|im_end|>, a stop string or max_tokens; stream it."""
+        """Append a decoded token to its row: finish on <|im_end|>, max_tokens or a stop string; stream it."""
         if token == self.end_id:
             row.finish = "stop"
-            return
-        row.ids.append(token)
+        else:
+            row.ids.append(token)
+            if len(row.ids) >= row.request.max_new_tokens:
+                row.finish = "length"
+        if row.finish is None and not row.streamed and not row.request.stop:
+            return  # nobody reads the text before the end: decode it once, then
         row.text = self.processor.tokenizer.decode(row.ids, skip_special_tokens=True)
         cuts = [row.text.index(s) for s in row.request.stop if s in row.text]
         if cuts:
             row.text, row.finish = row.text[: min(cuts)], "stop"
-        elif len(row.ids) >= row.request.max_new_tokens:
-            row.finish = "length"
-        else:
+        elif row.finish is None:
             self._publish(row, done=False)
 
     def _publish(self, row: _Row, done: bool) -> None:

@@ -301,6 +301,7 @@ def test_bearer_auth(server: Server) -> None:
             model=NAME, messages=[{"role": "user", "content": "hi"}])
     metrics = httpx.get(f"{server.url}/metrics", timeout=10)  # Prometheus scrapes without a token
     assert metrics.status_code == 200 and "request_predict_seconds" in metrics.text
+    assert "onevision_engine_steps_total" in metrics.text and "onevision_engine_rows" in metrics.text
     _healthy(server)
 
 

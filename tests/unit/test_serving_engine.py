@@ -88,8 +88,14 @@ def test_stop_strings_and_limits(engine: Engine) -> None:
     text = engine.generate_batch([request])[0].text
     assert len(text) > 2
     stop = text[1:3]
-    cut = engine.generate_batch([parse_chat_request(chat("Say something.", stop=[stop]), engine.limits)])[0]
+    stopped = parse_chat_request(chat("Say something.", stop=[stop]), engine.limits)
+    cut = engine.generate_batch([stopped])[0]
     assert cut.text == text.split(stop)[0] and cut.finish_reason == "stop"
+
+    async def streamed():
+        return "".join([piece async for piece in engine.stream(stopped)])
+
+    assert asyncio.run(streamed()) == cut.text  # no piece of the stop string reaches a stream
 
 
 def test_over_long_prompt_is_400_before_queueing(engine: Engine) -> None:
