@@ -202,6 +202,12 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _promote(args: argparse.Namespace) -> int:
+    if not os.environ.get("MLFLOW_TRACKING_URI"):  # MLflow would fall back to a new, empty ./mlflow.db
+        print(f"{args.command}: set MLFLOW_TRACKING_URI to the registry's tracking server (the local stack: "
+              'eval "$(onevision stack env)")', file=sys.stderr)
+        return 1
+    from mlflow.exceptions import MlflowException
+
     from components.register.core import RegistryError
     from components.register.promote import promote, rollback
 
@@ -210,8 +216,8 @@ def _promote(args: argparse.Namespace) -> int:
             result = promote(args.name, args.version, args.env, args.gitops_repo, args.canary)
         else:
             result = rollback(args.name, args.env, args.gitops_repo)
-    except RegistryError as err:
-        print(f"{args.command}: {err}", file=sys.stderr)
+    except (RegistryError, MlflowException) as err:  # e.g. no such model or version
+        print(f"{args.command}: {_one_line(err)}", file=sys.stderr)
         return 1
     print(json.dumps(result, indent=1))
     return 0

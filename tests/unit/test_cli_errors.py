@@ -63,3 +63,14 @@ def test_run_with_a_missing_recipe_names_it(tmp_path: Path) -> None:
     line = one_line_failure("run", "--recipe", "no-such.yaml", "--state-dir", str(tmp_path / "stack"), cwd=tmp_path)
     assert line.startswith("run: ") and "no-such.yaml" in line
     assert not (tmp_path / "stack").exists()  # the recipe is read before any stack starts
+
+
+def test_promote_without_a_tracking_server_says_what_to_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert main(["rollback", "llava-onevision-tiny", "--env", "prod", "--gitops-repo", str(tmp_path / "g.git")]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        'rollback: set MLFLOW_TRACKING_URI to the registry\'s tracking server (the local stack: '
+        'eval "$(onevision stack env)")']
+    assert list(tmp_path.iterdir()) == []  # no stray mlflow.db
