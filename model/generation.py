@@ -5,8 +5,9 @@
     accuracy = exact_match(answers, [r["meta"]["answer"] for r in records])
 
 Prompts are rendered by model.chat exactly as in training (the reference answer dropped), padded on
-the left so every row's next token is at the end, and decoded greedily. The serving engine and the
-evaluation plugin call these same functions.
+the left so every row's next token is at the end, and decoded greedily. The evaluation plugin calls
+`generate`; the serving engine decodes with `RunningBatch` (rows join and leave between steps, the
+same greedy tokens as `generate`), both over `collate_left`.
 """
 
 from __future__ import annotations

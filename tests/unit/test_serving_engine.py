@@ -54,6 +54,17 @@ def test_batched_answers_are_the_one_at_a_time_answers(engine: Engine) -> None:
     assert engine.peak_rows == 4  # 6 requests, max_batch_size 4: they shared the batch, never more than 4
 
 
+def test_the_decoding_loop_gives_transformers_generate_answers(engine: Engine) -> None:
+    """RunningBatch (the engine's loop) and model.generation.generate (HF generate, what evaluation runs)."""
+    from model.generation import generate
+
+    requests = [parse_chat_request(chat(f"Which {i}?", (60 * i, 0, 99), max_tokens=12), engine.limits)
+                for i in range(3)]
+    items = [engine.prepare(r) for r in requests]
+    expected = generate(engine.model, engine.processor, items, max_new_tokens=12)
+    assert [c.text for c in engine.generate_batch(requests, items)] == expected
+
+
 def test_requests_join_and_leave_the_running_batch_at_each_step(engine: Engine) -> None:
     """Different lengths, greedy and seeded sampling, arriving while others decode: each answer is its
     answer alone, a short request leaves as soon as it is done, and a late one joins the running batch."""
