@@ -25,6 +25,10 @@ import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from onevision.stack import StackInfo
 
 
 def _one_line(err: BaseException) -> str:
@@ -83,7 +87,7 @@ def _stack(args: argparse.Namespace) -> int:
 
     try:
         if args.action == "up":
-            info = stack.stack_up(args.state_dir, s3_port=args.s3_port, mlflow_port=args.mlflow_port)
+            info = _stack_up(args)
             print(f"S3 (SeaweedFS)  {info.s3_endpoint}   buckets: {', '.join(stack.BUCKETS)}")
             print(f"MLflow UI       {info.mlflow_uri}")
             print(f"state, logs     {info.state_dir}")
@@ -111,7 +115,7 @@ def _run(args: argparse.Namespace) -> int:
     recipe = args.recipe_option or args.recipe
     try:
         load_recipe(recipe)  # before anything starts: the offending field named
-        _stack_for_run(args)
+        _stack_up(args)  # on the ports asked for; run_local finds it running
         summary = run_local(recipe, state_dir=args.state_dir, run_id=args.run_id, gitops_repo=args.gitops_repo)
     except RecipeError as err:
         print(f"run: {err}", file=sys.stderr)
@@ -127,9 +131,9 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stack_for_run(args: argparse.Namespace) -> None:
-    """Bring the local stack up on the ports asked for (run_local then finds it running). A stack that
-    already runs keeps its ports: say so when other ones were asked for."""
+def _stack_up(args: argparse.Namespace) -> StackInfo:
+    """Bring the local stack up on the ports asked for (`stack up`, `run`). A stack that already runs
+    keeps its ports: say so when other ones were asked for."""
     from onevision import stack
 
     info = stack.stack_up(args.state_dir, s3_port=args.s3_port or DEFAULT_S3_PORT,
@@ -137,8 +141,9 @@ def _stack_for_run(args: argparse.Namespace) -> None:
     running = {"--s3-port": int(info.s3_endpoint.rsplit(":", 1)[1]), "--mlflow-port": int(info.mlflow_uri.rsplit(":", 1)[1])}
     for flag, asked in (("--s3-port", args.s3_port), ("--mlflow-port", args.mlflow_port)):
         if asked and asked != running[flag]:
-            print(f"run: {flag} {asked} ignored: the local stack in {info.state_dir} already runs on port "
-                  f"{running[flag]} (`onevision stack down` first to move it)", file=sys.stderr)
+            print(f"{args.command}: {flag} {asked} ignored: the local stack in {info.state_dir} already runs on "
+                  f"port {running[flag]} (`onevision stack down` first to move it)", file=sys.stderr)
+    return info
 
 
 def _compile(args: argparse.Namespace) -> int:
@@ -242,8 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     stack = sub.add_parser("stack", help="the local S3 + MLflow stack on 127.0.0.1")
     stack.add_argument("action", choices=["up", "down", "status", "env"])
     stack.add_argument("--state-dir", default=None, help="pid files, logs, data (default .onevision/stack)")
-    stack.add_argument("--s3-port", type=int, default=DEFAULT_S3_PORT, help=S3_PORT_HELP)
-    stack.add_argument("--mlflow-port", type=int, default=DEFAULT_MLFLOW_PORT, help="MLflow port (default 5000)")
+    stack.add_argument("--s3-port", type=int, default=None, help=S3_PORT_HELP)
+    stack.add_argument("--mlflow-port", type=int, default=None, help="MLflow port, default 5000")
     stack.set_defaults(handler=_stack)
 
     from onevision.recipe import STAGE_NAMES
