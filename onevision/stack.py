@@ -70,7 +70,8 @@ def _bin(name: str) -> str:
     return found
 
 
-def _port_free(port: int) -> bool:
+def port_free(port: int) -> bool:
+    """True if `port` can be bound on 127.0.0.1 now (what `stack up` and `serve` check before starting)."""
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -177,7 +178,7 @@ def _start_s3(state: Path, info: StackInfo, s3_port: int) -> subprocess.Popen:
         ["s3.port", "master.port", "volume.port", "filer.port", "master.port.grpc", "volume.port.grpc",
          "filer.port.grpc", "s3.port.grpc", "admin.port", "admin.port.grpc"],
         range(s3_port, s3_port + 10)))
-    busy = [f"{k}={p}" for k, p in ports.items() if not _port_free(p)]
+    busy = [f"{k}={p}" for k, p in ports.items() if not port_free(p)]
     if busy:
         raise StackError(f"ports in use on {HOST}: {', '.join(busy)}; choose another --s3-port")
     (state / "s3").mkdir(exist_ok=True)
@@ -195,7 +196,7 @@ def _start_s3(state: Path, info: StackInfo, s3_port: int) -> subprocess.Popen:
 
 
 def _start_mlflow(state: Path, info: StackInfo, mlflow_port: int) -> subprocess.Popen:
-    if not _port_free(mlflow_port):
+    if not port_free(mlflow_port):
         raise StackError(f"port {mlflow_port} in use on {HOST}; choose another --mlflow-port")
     argv = [_bin("mlflow"), "server", "--host", HOST, "--port", str(mlflow_port),
             "--backend-store-uri", f"sqlite:///{state / 'mlflow.db'}",

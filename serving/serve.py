@@ -10,13 +10,22 @@ MLFLOW_TRACKING_URI (without it, one line says so, and no stray ./mlflow.db is c
 Ports: KServe takes `port`. Triton takes `port` (HTTP), port+1 (gRPC) and port+2 (metrics); with a token
 (`--token` or $ONEVISION_SERVING_TOKEN) `port` is a bearer-token front (serving.auth_proxy), port+1 is
 tritonserver's own HTTP port, restricted to that front by a per-run secret header, and gRPC is off.
+SIGTERM or Ctrl-C stops tritonserver (and its Python-backend stubs) before the command exits 0.
+
+Mistakes are one line on stderr and exit 1 before anything starts: a malformed or unresolvable registry
+reference, a model folder that is missing or not an HF folder (or an s3:// prefix never published), a
+port that is taken.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
+import signal
+from collections.abc import Iterator
+from pathlib import Path
 
 from serving.auth import TOKEN_ENV
 
@@ -54,6 +63,27 @@ def resolve_model_uri(uri: str) -> str:
     return version.source
 
 
+def check_model_folder(uri: str) -> None:
+    """ValueError naming the problem unless `uri` holds a model: a local folder with config.json, or a
+    published s3:// prefix (its manifest is there). Checked before any server starts loading it."""
+    from onevision import storage
+
+    if storage.is_s3(uri):
+        try:
+            files = storage.read_manifest(uri).get("files", {})
+        except (storage.StorageError, ValueError, OSError) as err:
+            raise ValueError(f"{uri}: {' '.join(str(err).split())}") from None
+        if "config.json" not in files:
+            raise ValueError(f"{uri}: published, but not an HF model folder (no config.json in its manifest)")
+        return
+    path = Path(uri)
+    if not path.is_dir():
+        raise ValueError(f"{uri}: no such folder; give an HF model folder (a path or s3:// prefix) or "
+                         "models:/NAME@ALIAS")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{uri}: not an HF model folder (no config.json)")
+
+
 def serve(model: str, backend: str, port: int, name: str = "onevision", max_batch_size: int = 8,
           max_wait_ms: float = 10.0, token: str | None = None) -> None:
     """Serve until interrupted (see the module docstring for ports). A bad `model` or `backend` exits
@@ -62,8 +92,16 @@ def serve(model: str, backend: str, port: int, name: str = "onevision", max_batc
         raise SystemExit(f"serve: backend {backend!r}: expected kserve or triton")
     try:
         model_uri = resolve_model_uri(model)
+        check_model_folder(model_uri)
     except ValueError as err:
         raise SystemExit(f"serve: {err}") from None
+    from onevision.stack import port_free
+
+    ports = [port] if backend == "kserve" else [port, port + 1, port + 2]
+    busy = [str(p) for p in ports if not port_free(p)]
+    if busy:
+        raise SystemExit(f"serve: port {', '.join(busy)} in use on 127.0.0.1; choose another --port"
+                         + ("" if backend == "kserve" else " (Triton takes it and the next two)"))
     token = token or os.environ.get(TOKEN_ENV) or None
     if backend == "kserve":
         from serving.kserve_server import serve_kserve
@@ -74,27 +112,53 @@ def serve(model: str, backend: str, port: int, name: str = "onevision", max_batc
     _serve_triton(model_uri, port, name, max_batch_size, max_wait_ms, token)
 
 
+@contextlib.contextmanager
+def _signals_stop_the_server() -> Iterator[None]:
+    """SIGTERM (what `kill`, systemd and Kubernetes send) and SIGINT (Ctrl-C) raise KeyboardInterrupt, so
+    the with blocks below stop tritonserver and remove the repository. Python's default for SIGTERM ends
+    the process at once: tritonserver, in a session of its own, would keep serving. A second signal
+    during the stop is ignored (TritonServer.stop ends in SIGKILL after its grace period anyway)."""
+    def stop(signum: int, frame: object) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _serve_triton(model_uri: str, port: int, name: str, max_batch_size: int, max_wait_ms: float,
                   token: str | None) -> None:
-    import contextlib
     import tempfile
     import time
 
     from serving.auth_proxy import AuthProxy
     from serving.triton_repo import TritonServer, build_model_repository
 
-    with tempfile.TemporaryDirectory(prefix="onevision-triton-") as work, contextlib.ExitStack() as stack:
-        build_model_repository(model_uri, f"{work}/repository", name=name, max_batch_size=max_batch_size,
-                               max_queue_delay_us=int(max_wait_ms * 1000))
-        if token:
-            secret = secrets.token_urlsafe(32)
-            server = TritonServer(f"{work}/repository", f"{work}/server", port + 1, None, port + 2,
-                                  extra_args=(f"--http-restricted-api={RESTRICTED_APIS}:{FRONT_HEADER}={secret}",))
-        else:
-            server = TritonServer(f"{work}/repository", f"{work}/server", port, port + 1, port + 2)
-        stack.enter_context(server)
-        try:  # Ctrl-C at any point, even before ready, stops the server cleanly (the with block)
-            server.wait_ready(name)
+    try:  # a signal at any point, even before ready, stops the server cleanly (the with blocks)
+        with _signals_stop_the_server(), tempfile.TemporaryDirectory(prefix="onevision-triton-") as work, \
+                contextlib.ExitStack() as stack:
+            try:
+                build_model_repository(model_uri, f"{work}/repository", name=name, max_batch_size=max_batch_size,
+                                       max_queue_delay_us=int(max_wait_ms * 1000))
+            except ValueError as err:  # a bad name or batch setting
+                raise SystemExit(f"serve: {err}") from None
+            if token:
+                secret = secrets.token_urlsafe(32)
+                server = TritonServer(f"{work}/repository", f"{work}/server", port + 1, None, port + 2,
+                                      extra_args=(f"--http-restricted-api={RESTRICTED_APIS}:{FRONT_HEADER}={secret}",))
+            else:
+                server = TritonServer(f"{work}/repository", f"{work}/server", port, port + 1, port + 2)
+            stack.callback(server.stop)  # registered before the start: a signal in between cannot leak it
+            server.start()
+            try:
+                server.wait_ready(name)
+            except RuntimeError as err:  # it exited or timed out: the reason, then the log's tail
+                raise SystemExit(f"serve: tritonserver did not become ready: {err}") from None
             auth = "no token"
             if token:
                 stack.enter_context(AuthProxy(server.url, token, port, upstream_headers={FRONT_HEADER: secret}))
@@ -103,5 +167,9 @@ def _serve_triton(model_uri: str, port: int, name: str, max_batch_size: int, max
                   flush=True)
             while server.process is not None and server.process.poll() is None:
                 time.sleep(1)
-        except KeyboardInterrupt:
-            pass
+            # it stopped by itself: say so (the log goes with the temporary folder)
+            tail = [line for line in server.log().splitlines() if line.strip()][-1:]
+            raise SystemExit(f"serve: tritonserver exited by itself (code {server.process.returncode})"
+                             + (f": {tail[0].strip()}" if tail else ""))
+    except KeyboardInterrupt:
+        pass

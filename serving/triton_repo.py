@@ -19,6 +19,7 @@ Everything it opens binds 127.0.0.1 unless told otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -252,7 +253,8 @@ class TritonServer:
             raise RuntimeError(f"{err}\n--- tritonserver log (tail) ---\n{self.log()[-4000:]}") from None
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
-        """SIGTERM (Triton drains in-flight requests, then unloads), SIGKILL after `timeout_s`."""
+        """SIGTERM (Triton drains in-flight requests, then unloads its models and their stubs), SIGKILL
+        after `timeout_s`; then whatever is left of its process group (a stub it failed to reap) goes too."""
         if self.process is None:
             return None
         if self.process.poll() is None:
@@ -262,6 +264,8 @@ class TritonServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)  # its own session: the stubs go with it
                 self.process.wait(10)
+        with contextlib.suppress(ProcessLookupError):  # the usual case: the group is already empty
+            os.killpg(self.process.pid, signal.SIGKILL)
         return self.process.returncode
 
     def __enter__(self) -> Self:
