@@ -6,8 +6,9 @@
     engine.generate_batch([request, ...])                                     # synchronous, no queue
 
 One decoding thread owns the model and runs a batch of up to `max_batch_size` rows
-(model.generation.RunningBatch). At every step, requests that are queued join the batch (one prefill
-for all of them), every row decodes one token, and a row leaves as soon as it is finished (<|im_end|>,
+(model.generation.RunningBatch). At every step, queued requests may join the batch (one prefill for
+all of them; while rows decode, arrivals gather until half the free slots are asked for or the oldest
+has waited `max_wait_ms`, since a prefill stalls every row), every row decodes one token, and a row leaves as soon as it is finished (<|im_end|>,
 its own `max_tokens`, a stop string), cancelled (a stream's client went away, a caller stopped
 waiting) or past its deadline, so its slot is free for the next step. Streamed and plain requests
 share the queue and the batch: a stream gets its text piece by piece, a plain request its Completion
@@ -57,6 +58,7 @@ class _Row:
     def __init__(self, request: GenerationRequest, item: Any, deadline: float, streamed: bool = False,
                  loop: asyncio.AbstractEventLoop | None = None):
         self.request, self.item, self.deadline, self.streamed, self.loop = request, item, deadline, streamed, loop
+        self.queued_at = time.monotonic()
         self.future: asyncio.Future | None = loop.create_future() if loop else None  # the Completion
         self.pieces: asyncio.Queue[str | None] | None = asyncio.Queue() if streamed else None
         self.ids: list[int] = []
@@ -317,8 +319,7 @@ class Engine:
                     while (self._preparing and len(self._incoming) < self.max_batch_size
                            and (remaining := until - time.monotonic()) > 0):
                         self._wakeup.wait(remaining)
-                joining = [self._incoming.popleft()
-                           for _ in range(min(self.max_batch_size - len(rows), len(self._incoming)))]
+                joining = [self._incoming.popleft() for _ in range(self._admit(rows))]
             try:
                 with self._lock:
                     rows = self._advance(batch, rows, joining)
@@ -332,6 +333,17 @@ class Engine:
         for row in rows + list(self._incoming):
             row.error = RequestError(503, "the engine is shut down")
             self._publish(row, done=True)
+
+    def _admit(self, rows: list[_Row]) -> int:
+        """How many queued requests join at this step. A prefill stalls every decoding row for a few
+        steps' time, and prefilling several requests at once costs little more than one, so while rows
+        decode, arrivals gather until half the free slots are asked for or the oldest has waited
+        `max_wait_ms`. Call with `_wakeup` held."""
+        free = min(self.max_batch_size - len(rows), len(self._incoming))
+        if not rows or not free:
+            return free
+        waited = time.monotonic() - self._incoming[0].queued_at
+        return free if free >= max(1, (self.max_batch_size - len(rows)) // 2) or waited >= self.max_wait_s else 0
 
     async def close(self) -> None:
         with self._wakeup:
