@@ -49,7 +49,8 @@ BENCHMARKS: list[dict[str, Any]] = [
      "measures": "lmms-eval marginal seconds/sample at batch N (4 offline shapes tasks)",
      "baseline": "lmms-eval at batch size 1 (the paper's protocol)", "gpu": False, "timeout": 900},
     {"name": "serving", "module": "benchmarks.bench_serving", "title": "serving",
-     "measures": "requests/s of serving.engine.Engine with dynamic batching, N concurrent clients",
+     "measures": "requests/s of serving.engine.Engine with continuous batching, N concurrent clients, "
+                 "equal-length (16 tokens) and mixed (4-64 tokens) answers",
      "baseline": "the same engine with max_batch_size 1", "gpu": False, "timeout": 600},
     {"name": "pipeline", "module": "benchmarks.bench_pipeline", "title": "pipeline overhead",
      "measures": "wall seconds of the tiny flow under the kfp.local DAG",
