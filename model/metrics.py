@@ -34,12 +34,9 @@ ORDER = ("vision_tower", "projector", "language_model")
 
 def unknown_peak_reason() -> str | None:
     """Why no MFU can be given on this device (a GPU missing from GPU_PEAK_BF16, no override), else None."""
-    if os.environ.get("ONEVISION_PEAK_FLOPS") or not torch.cuda.is_available():
+    if device_peak_flops() is not None:
         return None
-    name = torch.cuda.get_device_name()
-    if any(key in name for key in GPU_PEAK_BF16):
-        return None
-    return (f"no dense bf16 peak known for {name!r} (model.metrics.GPU_PEAK_BF16 has {sorted(GPU_PEAK_BF16)}): "
+    return (f"no dense bf16 peak known for {torch.cuda.get_device_name()!r} (model.metrics.GPU_PEAK_BF16 has {sorted(GPU_PEAK_BF16)}): "
             "MFU not computed; set ONEVISION_PEAK_FLOPS to the device's dense bf16 FLOP/s to get it")
 
 
@@ -141,14 +138,18 @@ class StageTracker:
         is cached across pipeline runs, so the stage's run, not a curate run, is where the lineage lives)."""
         import mlflow
 
-        if not self.data_uri or not storage.exists(storage.join(self.data_uri, "data_card.md")):
+        if not self.data_uri:
             return
-        card = json.loads(storage.read_bytes(storage.join(self.data_uri, "data_card.json")))
+        try:  # a data folder with no card (hand-made shards) trains without one
+            card = json.loads(storage.read_bytes(storage.join(self.data_uri, "data_card.json")))
+            card_markdown = storage.read_bytes(storage.join(self.data_uri, "data_card.md")).decode()
+        except storage.StorageNotFoundError:
+            return
         mlflow.log_params({"data_uri": self.data_uri, "data_manifest_sha256": storage.manifest_hash(self.data_uri),
                            "data_recipe_hash": card.get("data_recipe_hash", "")})
         mlflow.log_metrics({f"data_{k}": v for k, v in card["totals"].items()})
         mlflow.log_dict(card, "data_card.json")
-        mlflow.log_text(storage.read_bytes(storage.join(self.data_uri, "data_card.md")).decode(), "data_card.md")
+        mlflow.log_text(card_markdown, "data_card.md")
 
     def callback(self) -> TrainerCallback:
         tracker = self

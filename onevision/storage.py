@@ -266,13 +266,7 @@ def stat(uri: str) -> dict[str, Any]:
 
 def size(uri: str) -> int:
     """Bytes in one object or file (StorageNotFoundError if there is none)."""
-    if not is_s3(uri):
-        try:
-            return Path(uri).stat().st_size
-        except FileNotFoundError:
-            raise StorageNotFoundError(f"stat {uri}: no such file") from None
-    loc = parse_s3(uri)
-    return int(_with_retries(f"stat {uri}", lambda: s3_client().stat_object(loc.bucket, loc.key)).size)
+    return int(stat(uri)["size"])
 
 
 def read_range(uri: str, offset: int, length: int) -> bytes:

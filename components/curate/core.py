@@ -21,15 +21,15 @@ Reuse (`run`, `run_data`): a prefix that already holds a published stage is retu
 its card records this stage's data recipe hash (datarecipe.py: the mixture, the curation settings, the
 stage's limits, the seed, the record files' identity); anything else is refused (StaleOutputError)
 unless `force`, which withdraws the old publish (manifest first) and curates again. The pipeline
-curates into the data recipe's content-addressed prefix, so a second run with the same data reuses it. Work folders (synthetic worlds,
-staging) are removed on success and on failure unless `keep_work`; S3 sources are streamed, not copied.
+curates into the data recipe's content-addressed prefix, so a second run with the same data reuses it.
+Work folders (synthetic worlds, staging) are removed on success and on failure unless `keep_work`; S3
+sources are streamed, not copied.
 """
 
 from __future__ import annotations
 
 import errno
 import functools
-import hashlib
 import itertools
 import json
 import os

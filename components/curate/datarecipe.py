@@ -32,7 +32,9 @@ CURATION_FORMAT = 3  # bump when the same inputs would curate to other bytes (ch
 
 def _record_files(source: DataSource) -> list[str]:
     """The files whose bytes are the source's records (and its media tar), as URIs."""
-    uris = [u for u in (source.json_path, source.media_root) if u and (u == source.json_path or u.endswith(".tar"))]
+    uris = [source.json_path] if source.json_path else []
+    if source.media_root and source.media_root.endswith(".tar"):  # a media folder is known by its URI only
+        uris.append(source.media_root)
     uri = source.dataset_uri or ""
     if uri.startswith("hf://datasets/") and os.environ.get("ONEVISION_DATASET_MIRROR"):
         uri = storage.join(os.environ["ONEVISION_DATASET_MIRROR"], uri.removeprefix("hf://datasets/"))
@@ -48,7 +50,7 @@ def fingerprint(source: DataSource) -> list[dict[str, Any]]:
     for uri in _record_files(source):
         try:
             out.append({"uri": uri, **storage.stat(uri)})
-        except (storage.StorageNotFoundError, IsADirectoryError):
+        except storage.StorageNotFoundError:
             out.append({"uri": uri, "missing": True})
     return out
 

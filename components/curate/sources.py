@@ -119,8 +119,8 @@ def require(uri: str) -> str:
         storage.size(uri)
     except storage.StorageNotFoundError:
         raise CurationError(f"{uri}: no such {'object' if storage.is_s3(uri) else 'file'}") from None
-    except IsADirectoryError:
-        raise CurationError(f"{uri}: a folder, not a file") from None
+    if not storage.is_s3(uri) and Path(uri).is_dir():  # a folder stats like a file
+        raise CurationError(f"{uri}: a folder, not a file")
     return uri
 
 

@@ -212,6 +212,11 @@ def test_onevision_curate_command(tmp_path: Path, tiny_recipe, capsys: pytest.Ca
     assert onevision(["curate", "--recipe", str(tmp_path / "absent.yaml"), "--stage", "stage1",
                       "--out", str(tmp_path / "o2")]) == 1
     assert capsys.readouterr().err == f"curate: {tmp_path / 'absent.jsonl'}: no such file\n"
+    doc["stages"]["stage1"]["data"] = [{"json_path": str(tmp_path)}]  # a folder given as the records file
+    (tmp_path / "folder.yaml").write_text(json.dumps(doc))
+    assert onevision(["curate", "--recipe", str(tmp_path / "folder.yaml"), "--stage", "stage1",
+                      "--out", str(tmp_path / "o3")]) == 1
+    assert capsys.readouterr().err == f"curate: {tmp_path}: a folder, not a file\n"
     assert onevision(["curate", "--recipe", recipe, "--stage", "stage1", "--out", "gs://bucket/out"]) == 1
     assert "publishes to a local path or s3://bucket/prefix, not gs://" in capsys.readouterr().err
     assert not Path("gs:").exists()
