@@ -303,6 +303,9 @@ class ClusterSpec(_Strict):
     namespace: str = "kubeflow"
     storage_bucket: str = "onevision"
     s3_secret: str = "onevision-s3"  # name of a Kubernetes Secret; credentials are never inlined
+    # The endpoints' read-only S3 credential (keys AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, the names
+    # KServe's storage initializer reads), attached to the onevision-serving ServiceAccount.
+    serving_s3_secret: str = "onevision-s3-serving"
     steps: dict[str, StepResources] = {}
 
     @model_validator(mode="before")

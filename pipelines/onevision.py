@@ -37,7 +37,7 @@ STAGE_PARAMETERS = {"learning_rate": "lr", "vision_tower_learning_rate": "vision
 STEP_POLICY = {"preflight": (600, 0), "curate": (12 * 3600, 1), "train": (7 * 24 * 3600, 2),
                "evaluate": (12 * 3600, 1), "stop": (300, 0), "export": (2 * 3600, 1), "register": (600, 2),
                "deploy": (600, 2)}
-S3_SECRET_KEYS = {"accesskey": "AWS_ACCESS_KEY_ID", "secretkey": "AWS_SECRET_ACCESS_KEY"}  # infra/platform/base
+S3_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}  # infra/platform/base
 ENDPOINTS_CONFIGMAP = "onevision-endpoints"
 ENDPOINT_KEYS = {"s3_endpoint": "AWS_ENDPOINT_URL", "mlflow_tracking_uri": "MLFLOW_TRACKING_URI"}
 # MLflow's client retries a dead server for minutes by default; a step should fail in about a minute and

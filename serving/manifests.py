@@ -36,7 +36,7 @@ def service_account(recipe: Recipe, namespace: str, s3_endpoint: str = "minio.on
             "metadata": {"name": SERVICE_ACCOUNT, "namespace": namespace, "annotations": {
                 "serving.kserve.io/s3-endpoint": s3_endpoint, "serving.kserve.io/s3-usehttps": "0",
                 "serving.kserve.io/s3-region": "us-east-1", "serving.kserve.io/s3-useanoncredential": "false"}},
-            "secrets": [{"name": recipe.cluster.s3_secret}]}
+            "secrets": [{"name": recipe.cluster.serving_s3_secret}]}
 
 
 def _resources(target: DeployTarget) -> dict[str, Any]:

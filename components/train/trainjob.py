@@ -42,7 +42,7 @@ NODE_JOB = "node"
 # What the runtime's container runs; set here as well so the manifest says what will run, and the two must agree.
 TRAIN_COMMAND = ["torchrun", "-m", "model.train"]
 # Keys of the S3 Secret, as infra/README.md creates it and every other S3 client of the platform reads it.
-S3_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "accesskey", "AWS_SECRET_ACCESS_KEY": "secretkey"}
+S3_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
 PATCH_MANAGER = "onevision/pipeline"  # our entry in spec.runtimePatches (one entry per manager)
 # Labels JobSet and the Job controller put on every pod; the pod of node rank 0 is completion index 0.
 POD_SELECTOR = ("jobset.sigs.k8s.io/jobset-name={name},jobset.sigs.k8s.io/replicatedjob-name=" + NODE_JOB

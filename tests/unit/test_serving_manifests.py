@@ -71,4 +71,4 @@ def test_service_account_is_valid_kubernetes(tmp_path: Path) -> None:
 def test_no_credential_values_in_manifests() -> None:
     text = "\n".join(p.read_text() for p in (ROOT / "infra/serving").rglob("*.yaml"))
     assert not re.search(r"(?i)(secret_?key|password|aws_access_key_id|AKIA[0-9A-Z]{16}|token:)", text)
-    assert "secrets:\n- name: onevision-s3" in text  # the Secret is referenced by name only
+    assert "secrets:\n- name: onevision-s3-serving" in text  # the Secret is referenced by name only
