@@ -1,11 +1,13 @@
-"""GPU benchmark, one command on one GPU (sized for < 8 min; not yet run on one): training tokens/s + MFU
-of a 0.5B- and a 7B-shaped LLaVA-OneVision with the recipes' settings, and serving requests/s (dynamic
-batching vs batch 1).
+"""GPU benchmark, one command on one GPU (sized for < 10 min; not yet run on one): training tokens/s + MFU
+of a 0.5B- and a 7B-shaped LLaVA-OneVision with the recipes' settings, both as a bare forward/backward
+loop and through the product's trainer (make_trainer, the recipe's ZeRO stage, the data pipeline:
+gpu_trainer_path.py), and serving requests/s (continuous batching vs batch 1).
 
     python benchmarks/gpu_bench.py                     # on a GPU: writes benchmarks/results/gpu-<date>.json
     python benchmarks/gpu_bench.py --quick             # fewer steps and requests
     python benchmarks/gpu_bench.py --cpu-smoke         # tiny shapes on the CPU: the same code path, seconds
     python benchmarks/gpu_bench.py --layers-7b 12      # more of the 7B's 28 layers (memory permitting)
+    python benchmarks/gpu_bench.py --trainer-shapes    # bare loops only (no make_trainer rows)
 
 Without a CUDA device it stops at once with a message (exit 2), unless --cpu-smoke.
 
@@ -319,8 +321,16 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         got = bench_training(shape, layers, args, device, settings)
         got["ratio_vs_matmul"] = round(got["model_flops_per_s"] / matmul, 3)
         training.append(got)
+        if shape in args.trainer_shapes:  # the product's path on the same shape, read against the bare loop
+            from benchmarks.gpu_trainer_path import bench_trainer_path
+
+            path = bench_trainer_path(shape, layers, args, device, settings)
+            path["ratio_vs_matmul"] = round(path["model_flops_per_s"] / matmul, 3)
+            path["ratio_vs_bare_loop"] = round(path["tokens_per_s"] / got["tokens_per_s"], 3)
+            training.append(path)
+    for got in training:
         mfu = f"MFU {got['mfu']:.3f}" if got["mfu"] is not None else "MFU not computed (unknown device peak)"
-        print(f"training {shape}: {got['tokens_per_s']:.0f} tokens/s, {mfu}, "
+        print(f"training {got['shape']} ({got.get('path', 'bare loop')}): {got['tokens_per_s']:.0f} tokens/s, {mfu}, "
               f"{got['ratio_vs_matmul']:.2f} of measured matmul, peak {got['peak_memory_gb']} GB", flush=True)
     serving = bench_serving(args, device, settings) if not args.no_serving else None
     return {
@@ -336,13 +346,16 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 def to_protocol(raw: dict[str, Any]) -> dict[str, Any]:
     rows = []
     for t in raw["training"]:
-        label = f"train {t['shape']}" + (f" (LLM cut to {t['llm_layers']} of {t['llm_layers_full_model']} layers)"
-                                         if t["llm_layers"] != t["llm_layers_full_model"] else "")
+        path = (f", make_trainer (ZeRO-{t['zero_stage']}, data pipeline)" if t.get("path") == "make_trainer"
+                else ", bare fwd/bwd loop")
+        label = f"train {t['shape']}{path}" + (f" (LLM cut to {t['llm_layers']} of {t['llm_layers_full_model']} layers)"
+                                               if t["llm_layers"] != t["llm_layers_full_model"] else "")
         rows.append({"label": label, "ours": t["model_flops_per_s"] / 1e12, "baseline": raw["matmul_flops_per_s"] / 1e12,
                      "unit": "TFLOP/s", "notes": f"{t['tokens_per_s']:.0f} tokens/s, "
                      + (f"MFU {t['mfu']:.3f} of the {t['peak_flops'] / 1e12:.0f} TFLOP/s spec peak"
                         if t["mfu"] is not None else f"MFU refused: {t['mfu_refused']}")
-                     + f", {t['peak_memory_gb']} GB"})
+                     + f", {t['peak_memory_gb']} GB"
+                     + (f", {t['ratio_vs_bare_loop']:.2f}x the bare loop's tokens/s" if "ratio_vs_bare_loop" in t else "")})
     serving = raw.get("serving") or {"results": {}}
     levels = [int(k.split("_")[1]) for k in serving["results"]]
     for c, r in zip(levels, serving["results"].values(), strict=True):
@@ -374,6 +387,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--text-tokens", type=int, default=1024, help="text tokens per training sample")
     parser.add_argument("--image-px", type=int, default=768, help="serving: square image side (768: base + 2x2 tiles)")
     parser.add_argument("--max-tokens", type=int, default=32, help="serving: new tokens per request")
+    parser.add_argument("--trainer-shapes", nargs="*", default=["0.5b"], choices=list(SHAPES),
+                        help="shapes also measured through make_trainer + the data pipeline (none: bare loops only)")
     parser.add_argument("--no-serving", action="store_true")
     parser.add_argument("--out", default=None, help="default: benchmarks/results/gpu-<date>.json (smoke: print only)")
     return parser.parse_args(argv)
