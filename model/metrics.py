@@ -1,7 +1,7 @@
 """What a training stage reports and publishes while it runs (Trainer callbacks).
 
     tracker = StageTracker(recipe, "stage1", stage, model, out="s3://.../stage1", parent_run=None, is_main=True)
-    trainer = Trainer(..., callbacks=[tracker.callback(), CheckpointPublisher(out, signature, True)])
+    trainer = Trainer(..., callbacks=[tracker.callback(), ...])
 
 StageTracker: an MLflow run per stage (nested under the pipeline's run when a parent is given; the same
 run again after a resume), with the stage's resolved hyper-parameters, and per step: loss, learning
@@ -19,7 +19,6 @@ import json
 import os
 import resource
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -194,38 +193,3 @@ class StageTracker:
                 mlflow.log_metric(key, float(summary[key]))
         mlflow.set_tag("onevision.checkpoint_uri", summary.get("hf_uri", ""))
         mlflow.end_run()
-
-
-class CheckpointPublisher(TrainerCallback):
-    """After each Trainer save: stamp the model signature, publish the checkpoint (manifest last),
-    and drop published checkpoints older than the previous one."""
-
-    def __init__(self, out: str, signature: dict[str, list[int]], is_main: bool, keep: int = 2):
-        self.out, self.signature, self.is_main, self.keep = out, signature, is_main, keep
-
-    def on_save(self, args, state, control, **kwargs):
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()  # every rank's ZeRO shard is on disk
-        if self.is_main:
-            local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            (local / "model_signature.json").write_text(json.dumps(self.signature))
-            storage.publish_dir(local, storage.join(self.out, "checkpoints", local.name),
-                                metadata={"step": state.global_step})
-            self._rotate()
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
-
-    def _rotate(self) -> None:
-        prefix = storage.join(self.out, "checkpoints")
-        relative = [u[len(prefix):].strip("/") for u in storage.list_uris(prefix)]
-        names = {r.split("/")[0] for r in relative}
-        steps = sorted(int(n.split("-", 1)[1]) for n in names if n.startswith("checkpoint-") and n[11:].isdigit())
-        complete = [s for s in steps if f"checkpoint-{s}/{storage.MANIFEST_NAME}" in relative]
-        # keep the newest `keep` complete ones; a torn upload older than the newest complete one is debris,
-        # and it must never count among the kept (it would push a complete checkpoint out)
-        doomed = complete[: -self.keep] + [s for s in steps if s not in complete and complete and s < complete[-1]]
-        for step in sorted(doomed):
-            old = storage.join(prefix, f"checkpoint-{step}")
-            storage.delete(storage.join(old, storage.MANIFEST_NAME))  # unpublish first, then remove
-            for uri in storage.list_uris(old):
-                storage.delete(uri)

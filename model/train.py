@@ -33,6 +33,8 @@ import torch
 from model import metrics
 from model.batching import Collator, ModalityLengthGroupedSampler
 from model.builder import build_model_and_processor, configure_stage
+from model.checkpoints import (CheckpointError, CheckpointPublisher, fetch_checkpoint, latest_complete_checkpoint,
+                               merge_zero_checkpoint)
 from model.processing import SampleProcessor
 from model.shards import ShardDataset, open_shards
 from onevision import storage, tracking
@@ -240,46 +242,7 @@ def make_trainer(recipe: Recipe, stage: StageSpec, stage_name: str, args: Any, m
                         callbacks=[*callbacks, StopAtTheEnd()])
 
 
-# --- checkpoints ------------------------------------------------------------------------------------
-
-def latest_complete_checkpoint(out: str) -> tuple[int, str] | None:
-    """(step, uri) of the newest checkpoint under <out>/checkpoints that has a manifest."""
-    prefix = storage.join(out, "checkpoints")
-    steps = set()
-    for uri in storage.list_uris(prefix):
-        if uri.endswith(storage.MANIFEST_NAME):
-            name = uri[len(prefix):].strip("/").split("/")[0]
-            if name.startswith("checkpoint-") and name[len("checkpoint-"):].isdigit():
-                steps.add(int(name[len("checkpoint-"):]))
-    if not steps:
-        return None
-    step = max(steps)
-    return step, storage.join(prefix, f"checkpoint-{step}")
-
-
-def fetch_checkpoint(uri: str, local: Path) -> Path:
-    """A local copy of the published checkpoint at `uri` that matches its manifest (sizes, sha256).
-
-    A copy already in the work dir (a restarted container keeps it) is trusted only if it matches: a
-    download cut by a kill leaves files missing, and resuming from it would fail or, worse, resume
-    without the RNG or scheduler state. Otherwise it is fetched again, under a temporary name first.
-    One process per node fetches (the work dir is the node's); the others wait at a barrier.
-    """
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        files = storage.read_manifest(uri)["files"]
-        if not (local.is_dir() and all(
-                (local / rel).is_file() and (local / rel).stat().st_size == info["size"]
-                and storage.sha256_file(local / rel) == info["sha256"] for rel, info in files.items())):
-            partial = local.parent.parent / f".download-{local.name}"  # outside the Trainer's checkpoints/
-            shutil.rmtree(partial, ignore_errors=True)
-            storage.get_dir(uri, partial)
-            shutil.rmtree(local, ignore_errors=True)
-            local.parent.mkdir(parents=True, exist_ok=True)
-            partial.rename(local)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-    return local
-
+# --- checkpoints (model/checkpoints.py) ----------------------------------------------------------
 
 def check_disk(path: Path, model: torch.nn.Module) -> None:
     """Weights + grads + two Adam moments in fp32, twice over (save_total_limit=2), plus headroom."""
@@ -288,18 +251,6 @@ def check_disk(path: Path, model: torch.nn.Module) -> None:
     if free < need:
         raise TrainingError(f"not enough disk for checkpoints at {path}: need ~{need / 1e9:.2f} GB, "
                             f"{free / 1e9:.2f} GB free (set --work-dir to a larger volume)")
-
-
-def merge_zero_checkpoint(checkpoint_dir: Path, signature: dict[str, list[int]]) -> dict[str, torch.Tensor]:
-    """The fp32 master weights of a ZeRO checkpoint (any stage, any world size) as one state dict,
-    checked against the model's parameter names and shapes."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir))
-    wrong = [k for k, shape in signature.items() if k not in state or list(state[k].shape) != shape]
-    if wrong:
-        raise TrainingError(f"merging {checkpoint_dir}: missing or misshapen {wrong[:5]}")
-    return {k: v.contiguous() for k, v in state.items()}
 
 
 # --- the stage --------------------------------------------------------------------------------------
@@ -352,7 +303,7 @@ def train_stage(recipe: Recipe, stage_name: str, data_uri: str, out: str, init: 
         log(f"{stage_name}: resuming from {uri} (step {step})")
 
     tracker = metrics.StageTracker(recipe, stage_name, stage, model, out, mlflow_parent, rank() == 0, data_uri)
-    publisher = metrics.CheckpointPublisher(out, model_signature(model), rank() == 0)
+    publisher = CheckpointPublisher(out, model_signature(model), rank() == 0)
     trainer = make_trainer(recipe, stage, stage_name, args, model, processor, train_set, eval_set,
                            [tracker.callback(), publisher], on_batch=tracker.count_batch)
 
@@ -435,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = train_stage(load_recipe(args.recipe), args.stage, args.data, args.out, args.init,
                               args.work_dir, args.holdout, args.mlflow_parent)
-    except (TrainingError, storage.StorageError, tracking.TrackingError, FileNotFoundError) as err:
+    except (TrainingError, CheckpointError, storage.StorageError, tracking.TrackingError, FileNotFoundError) as err:
         print(f"[train] FAILED: {err}", file=sys.stderr, flush=True)
         return EXIT_FAILED
     if args.summary and rank() == 0:

@@ -98,7 +98,7 @@ def test_s3_without_settings_names_the_variable(monkeypatch: pytest.MonkeyPatch)
 
 def test_checkpoint_rotation_keeps_complete_checkpoints_and_drops_torn_ones(tmp_path) -> None:
     """A torn upload (no manifest) never counts among the kept checkpoints; older debris is removed."""
-    from model.metrics import CheckpointPublisher
+    from model.checkpoints import CheckpointPublisher
 
     ckpts = tmp_path / "out" / "checkpoints"
     for step, complete in ((3, True), (6, False), (9, True), (12, True), (15, False)):
