@@ -5,7 +5,9 @@
 
 StageTracker: an MLflow run per stage (nested under the pipeline's run when a parent is given; the same
 run again after a resume), with the stage's resolved hyper-parameters, and per step: loss, learning
-rate of each parameter group, grad norm, samples/s, tokens/s, estimated MFU and peak memory.
+rate of each parameter group, grad norm, samples/s, tokens/s, estimated MFU and peak memory. Every call
+to MLflow goes through a tracking.RunWriter queue on its own thread: an outage mid-stage never blocks or
+stops training, and what was queued is sent when the server is back.
 
 MFU = model FLOPs per second / device peak. Model FLOPs per step, per component c (vision tower,
 projector, LLM) with N_c parameters over T_c tokens: 2 N_c T_c forward, + 2 N_c T_c if a gradient flows
@@ -90,7 +92,8 @@ class StageTracker:
         self.vision_tokens = 0  # since the last log, counted by count_batch
         self.text_tokens = 0
         self.step_started = time.perf_counter()
-        self.run_id: str | None = None
+        # everything MLflow gets goes through this queue, on its own thread
+        self.writer = tracking.RunWriter(os.environ["MLFLOW_TRACKING_URI"], label="[metrics]") if self.enabled else None
 
     # called by the trainer for every micro-batch
     def count_batch(self, inputs: dict[str, Any]) -> None:
@@ -107,35 +110,45 @@ class StageTracker:
                 + self.factors["language_model"] * self.params["language_model"] * text_tokens)
 
     def _start_run(self) -> None:
-        import mlflow
-
+        """Queue the run's opening: each piece is its own call, so a retry after an outage repeats none that
+        went through (a second create_run would leave a stray run)."""
         marker = storage.join(self.out, "mlflow_run.json")
         if storage.exists(marker):  # a resumed stage continues its run
-            self.run_id = json.loads(storage.read_bytes(marker))["run_id"]
-            mlflow.start_run(run_id=self.run_id)
+            self.writer.set_run_id(json.loads(storage.read_bytes(marker))["run_id"])
+            self.writer.call(lambda client: client.update_run(self.writer.run_id, status="RUNNING"))
             return
-        if self.parent_run:
-            parent = mlflow.MlflowClient().get_run(self.parent_run)
-            tags = {k: v for k, v in parent.data.tags.items() if k.startswith("onevision.") and k != tracking.TAG_STEP}
-            run = mlflow.start_run(run_name=self.stage_name, experiment_id=parent.info.experiment_id,
-                                   parent_run_id=self.parent_run, nested=True,
-                                   tags={**tags, tracking.TAG_STEP: self.stage_name})
-        else:
-            mlflow.set_experiment(tracking.experiment_name(self.recipe))
-            run = mlflow.start_run(run_name=self.stage_name, tags={
-                **tracking.lineage_tags(self.recipe, os.environ.get("ONEVISION_PIPELINE_RUN_ID", "standalone")),
-                tracking.TAG_STEP: self.stage_name})
-        self.run_id = run.info.run_id
-        mlflow.log_params(tracking.flatten_params({"stage": self.stage.model_dump(mode="json"),
-                                                   "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-                                                   "params": self.params}))
-        self._log_data_card()
-        storage.write_bytes(marker, json.dumps({"run_id": self.run_id}).encode())
+        self.writer.call(self._create_run)
+        params = tracking.flatten_params({"stage": self.stage.model_dump(mode="json"),
+                                          "world_size": int(os.environ.get("WORLD_SIZE", "1")), "params": self.params})
+        self.writer.call(lambda client: self._log_params(client, params))
+        self.writer.call(self._log_data_card)
+        self.writer.call(lambda client: storage.write_bytes(marker, json.dumps({"run_id": self.writer.run_id}).encode()))
 
-    def _log_data_card(self) -> None:
+    def _create_run(self, client: Any) -> None:
+        if self.parent_run:  # nested under the pipeline's run, with its lineage tags
+            parent = client.get_run(self.parent_run)
+            tags = {k: v for k, v in parent.data.tags.items() if k.startswith("onevision.") and k != tracking.TAG_STEP}
+            experiment_id = parent.info.experiment_id
+            tags["mlflow.parentRunId"] = self.parent_run
+        else:
+            name = tracking.experiment_name(self.recipe)
+            found = client.get_experiment_by_name(name)
+            experiment_id = found.experiment_id if found else client.create_experiment(name)
+            tags = tracking.lineage_tags(self.recipe, os.environ.get("ONEVISION_PIPELINE_RUN_ID", "standalone"))
+        run = client.create_run(experiment_id, run_name=self.stage_name, tags={**tags, tracking.TAG_STEP: self.stage_name})
+        self.writer.set_run_id(run.info.run_id)
+
+    def _log_params(self, client: Any, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow's limit of params per batch
+            client.log_batch(self.writer.run_id, params=items[i:i + 100])
+
+    def _log_data_card(self, client: Any) -> None:
         """The curated data this stage trains on, in its run: URI, manifest hash, counts and the card (curation
         is cached across pipeline runs, so the stage's run, not a curate run, is where the lineage lives)."""
-        import mlflow
+        from mlflow.entities import Metric
 
         if not self.data_uri:
             return
@@ -144,11 +157,13 @@ class StageTracker:
             card_markdown = storage.read_bytes(storage.join(self.data_uri, "data_card.md")).decode()
         except storage.StorageNotFoundError:
             return
-        mlflow.log_params({"data_uri": self.data_uri, "data_manifest_sha256": storage.manifest_hash(self.data_uri),
-                           "data_recipe_hash": card.get("data_recipe_hash", "")})
-        mlflow.log_metrics({f"data_{k}": v for k, v in card["totals"].items()})
-        mlflow.log_dict(card, "data_card.json")
-        mlflow.log_text(card_markdown, "data_card.md")
+        run_id = self.writer.run_id
+        self._log_params(client, {"data_uri": self.data_uri, "data_manifest_sha256": storage.manifest_hash(self.data_uri),
+                                  "data_recipe_hash": card.get("data_recipe_hash", "")})
+        stamp = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(f"data_{k}", float(v), stamp, 0) for k, v in card["totals"].items()])
+        client.log_dict(run_id, card, "data_card.json")
+        client.log_text(run_id, card_markdown, "data_card.md")
 
     def callback(self) -> TrainerCallback:
         tracker = self
@@ -176,20 +191,19 @@ class StageTracker:
                 logs.update({k: v for k, v in row.items() if k not in logs})
                 tracker.vision_tokens = tracker.text_tokens = 0
                 tracker.step_started = time.perf_counter()
-                if tracker.enabled:
-                    import mlflow
-
-                    mlflow.log_metrics({k: float(v) for k, v in row.items()}, step=state.global_step)
+                if tracker.enabled:  # queued: an MLflow outage does not stop training
+                    tracker.writer.log_metrics({k: float(v) for k, v in row.items()}, state.global_step)
 
         return _Callback()
 
     def finish(self, summary: dict[str, Any]) -> None:
+        """The stage's summary metrics and checkpoint tag, the run's end; waits a bounded time for the queue."""
         if not self.enabled:
             return
-        import mlflow
-
-        for key in ("eval_loss_before", "eval_loss_after", "train_loss"):
-            if summary.get(key) is not None:
-                mlflow.log_metric(key, float(summary[key]))
-        mlflow.set_tag("onevision.checkpoint_uri", summary.get("hf_uri", ""))
-        mlflow.end_run()
+        final = {k: float(summary[k]) for k in ("eval_loss_before", "eval_loss_after", "train_loss")
+                 if summary.get(k) is not None}
+        self.writer.log_metrics(final, summary.get("steps", 0))
+        self.writer.call(lambda client: client.set_tag(self.writer.run_id, "onevision.checkpoint_uri",
+                                                       summary.get("hf_uri", "")))
+        self.writer.call(lambda client: client.set_terminated(self.writer.run_id, "FINISHED"))
+        self.writer.close(float(os.environ.get("ONEVISION_TRACKING_FLUSH_S", "120")))

@@ -165,3 +165,106 @@ def step_run(step: str, parent_run_id: str, params: dict[str, Any] | None = None
         if params:
             mlflow.log_params(flatten_params(params))
         yield run
+
+
+class RunWriter:
+    """Writes one MLflow run from a background thread, so that a tracking outage never stalls or stops
+    training: calls queue in order (create the run, params, one metrics row per step, the end) and are
+    sent one by one; while the server does not answer, they wait (up to `max_rows` metric rows; beyond
+    that the oldest rows are dropped and counted) and go out in order once it is back. One warning when it
+    goes away, one when it is back; `close` waits for the queue a bounded time and says what it dropped.
+
+        writer = RunWriter(uri)
+        writer.call(lambda client: writer.set_run_id(client.create_run(experiment_id).info.run_id))
+        writer.log_metrics({"loss": 2.3}, step=1)           # never blocks, never raises
+        writer.close(timeout=120)                           # at the end of the stage
+    """
+
+    def __init__(self, uri: str, max_rows: int = 100_000, label: str = "[tracking]") -> None:
+        import threading
+        from collections import deque
+
+        self.uri, self.max_rows, self.label = uri, max_rows, label
+        self.run_id: str | None = None
+        self.dropped_rows = 0
+        self._queue: deque[tuple[str, Any]] = deque()  # (kind, fn(client)); kind "row" for metric rows
+        self._rows = 0
+        self._down_since: float | None = None
+        self._closing = False
+        self._wake = threading.Condition()
+        self._thread = threading.Thread(target=self._drain, name="mlflow-run-writer", daemon=True)
+        self._thread.start()
+
+    def set_run_id(self, run_id: str) -> None:
+        self.run_id = run_id
+
+    def call(self, fn: Any, kind: str = "call") -> None:
+        """Queue `fn(client)`; it runs on the writer thread, after everything queued before it."""
+        with self._wake:
+            if kind == "row":
+                if self._rows >= self.max_rows:  # drop the oldest row, never a call (the run's creation, its end)
+                    oldest = next(i for i, (k, _) in enumerate(self._queue) if k == "row")
+                    del self._queue[oldest]
+                    self._rows -= 1
+                    self.dropped_rows += 1
+                self._rows += 1
+            self._queue.append((kind, fn))
+            self._wake.notify()
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)  # when it happened, not when it reached the server
+        rows = [Metric(k, float(v), stamp, step) for k, v in metrics.items()]
+        self.call(lambda client: client.log_batch(self.run_id, metrics=rows), kind="row")
+
+    def _drain(self) -> None:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=self.uri)
+        backoff = 0.5
+        while True:
+            with self._wake:
+                while not self._queue and not self._closing:
+                    self._wake.wait()
+                if not self._queue:
+                    return
+                kind, fn = self._queue[0]
+            try:
+                fn(client)
+            except Exception as err:  # noqa: BLE001 - any failure to reach the server: keep it queued, retry
+                if self._down_since is None:
+                    self._down_since = time.monotonic()
+                    print(f"{self.label} MLflow at {self.uri} is not answering ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:160] if str(err) else ''}); training goes on, tracking "
+                          "is queued and sent when it is back", flush=True)
+                with self._wake:
+                    self._wake.wait(backoff)  # close() wakes it for one more try
+                backoff = min(backoff * 2, 10.0)
+                continue
+            with self._wake:
+                if self._queue and self._queue[0][1] is fn:
+                    self._queue.popleft()
+                    self._rows -= kind == "row"
+            if self._down_since is not None:
+                print(f"{self.label} MLflow at {self.uri} answers again after "
+                      f"{time.monotonic() - self._down_since:.0f}s; sending what was queued", flush=True)
+                self._down_since = None
+            backoff = 0.5
+
+    def close(self, timeout: float) -> int:
+        """Wait up to `timeout` s for the queue to go out; returns (and reports once) what was lost."""
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        self._thread.join(timeout)
+        with self._wake:
+            left = len(self._queue)
+            left_rows = self._rows
+            self._queue.clear()
+        lost = self.dropped_rows + left_rows
+        if left or self.dropped_rows:
+            print(f"{self.label} MLflow at {self.uri}: {lost} metric rows and {left - left_rows} other calls "
+                  f"were not recorded ({self.dropped_rows} dropped over the queue's cap of {self.max_rows}, "
+                  f"{left} still queued after waiting {timeout:.0f}s); training was not affected", flush=True)
+        return lost + (left - left_rows)
