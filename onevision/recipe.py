@@ -225,6 +225,9 @@ class TrainingSpec(_Strict):
     gradient_checkpointing: bool = True
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     save_every_steps: int = Field(500, gt=0)
+    # Padding-free batches: each micro-batch's samples concatenated into one row, position ids restarting
+    # per sample, attention kept within each sample (model/batching.py). False: rows padded to the longest.
+    packing: bool = False
 
 
 class EvalTask(_Strict):
