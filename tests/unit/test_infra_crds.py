@@ -176,14 +176,14 @@ def test_runtime_runs_model_train_with_torchrun_on_the_gpu_pool() -> None:
     env = {e["name"]: e for e in container["env"]}
     assert env["DS_ACCELERATOR"]["value"] == "cuda"
     assert any(name.startswith("NCCL_") for name in env)
-    # S3 credentials under the key names KServe's storage initializer reads (its credentials.s3 defaults),
-    # the same names in every client of the out-of-band Secret.
+    # S3 credentials: the pipeline's own MinIO user (read-write), under the key names KServe's storage initializer
+    # reads (its credentials.s3 defaults); MinIO itself runs on its root credential, which no client holds.
     minio = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "minio")
     minio_refs = {e["valueFrom"]["secretKeyRef"]["key"]: e["valueFrom"]["secretKeyRef"]["name"]
                   for e in minio["spec"]["template"]["spec"]["containers"][0]["env"] if "valueFrom" in e}
     assert env["AWS_ACCESS_KEY_ID"]["valueFrom"] == {"secretKeyRef": {"name": "onevision-s3", "key": "AWS_ACCESS_KEY_ID"}}
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "onevision-s3", "key": "AWS_SECRET_ACCESS_KEY"}}
-    assert minio_refs == {"AWS_ACCESS_KEY_ID": "onevision-s3", "AWS_SECRET_ACCESS_KEY": "onevision-s3"}
+    assert minio_refs == {"MINIO_ROOT_USER": "onevision-minio-root", "MINIO_ROOT_PASSWORD": "onevision-minio-root"}
     # GPU pool: the taint of the README's node pool, the pool's label.
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     assert pod["nodeSelector"] == {"onevision/pool": "gpu"}
