@@ -279,6 +279,9 @@ class DeployTarget(_Strict):
     canary_percent: int = Field(0, ge=0, le=100)
     gpus: int = Field(0, ge=0)
     max_batch_size: int = Field(8, gt=0)
+    # Memory of one GPU of the pool it runs on (GiB): serving.sizing refuses an endpoint whose GPUs
+    # cannot hold its model. 80: the GPU pool's H100 80GB (infra/terraform).
+    gpu_memory_gb: float = Field(80, gt=0)
 
 
 class Toleration(_Strict):

@@ -112,10 +112,13 @@ class Engine:
         self.cancel_lag_steps = 0  # the most steps a cancelled row kept decoding after its cancel
 
     @classmethod
-    def load(cls, model_uri: str, **kwargs: Any) -> Engine:
-        from model.builder import load_pretrained
+    def load(cls, model_uri: str, device_map: str | None = None, dtype: torch.dtype | None = None,
+             **kwargs: Any) -> Engine:
+        """The engine over an HF folder, placed on this process's GPUs in bf16 (several: device_map="auto")
+        or on the CPU in fp32 (serving.placement); `dtype` (and `device_map`) given: exactly there."""
+        from serving.placement import load_placed
 
-        model, processor = load_pretrained(model_uri)
+        model, processor = load_placed(model_uri, device_map, dtype)
         return cls(model, processor, **kwargs)
 
     def stats(self) -> dict[str, int]:

@@ -8,7 +8,15 @@ One file per recipe `deploy:` target, plus the storage ServiceAccount:
               storage initializer fetches STORAGE_URI into /mnt/models); GPU variant when `gpus` > 0
   triton      ServingRuntime `onevision-triton` (tritonserver + our Python backend, the project's Triton
               image) and an InferenceService over the Triton model repository in MinIO
-  kserve-hf   InferenceService on KServe's Hugging Face runtime (vLLM) for GPU production
+  kserve-hf   InferenceService on KServe's Hugging Face runtime (vLLM) for GPU production, tensor
+              parallel over every GPU it asks for (`--tensor-parallel-size`), /dev/shm in memory for NCCL
+Every target must fit: serving.sizing estimates the memory its model needs (weights in the serving dtype,
+KV cache for a full batch at full context, margins) and `render` refuses one whose GPUs (gpus x
+gpu_memory_gb) or CPU memory limit cannot hold it (EndpointTooSmall naming target, need and capacity).
+Every serving container runs hardened (CONTAINER_SECURITY: non-root with the image's own uid, no
+privilege escalation, no capabilities, RuntimeDefault seccomp; set on the container, where Knative
+accepts it) with a readiness probe on the model's ready route and a liveness probe on the server's live
+route, delayed by the time the model takes to load (load_allowance_s).
 Storage credentials: a ServiceAccount carrying the `serving.kserve.io/s3-*` annotations and naming the
 S3 Secret (`cluster.s3_secret`): referenced, never inlined. Autoscaling (min/max replicas, concurrency
 target) and canary traffic come from the recipe. `check_manifest` validates every field name and type
@@ -26,9 +34,14 @@ import yaml
 
 from components import PROJECT_IMAGE
 from onevision.recipe import DeployTarget, Recipe, load_recipe
+from serving.sizing import CPU_MEMORY_LIMIT_GIB, GIB, MemoryEstimate, check_fits
 
 TRITON_IMAGE = PROJECT_IMAGE.replace("/platform:", "/platform-triton:")  # infra/images/Dockerfile.triton
 SERVICE_ACCOUNT = "onevision-serving"
+# The non-root users the images declare (USER): infra/images/Dockerfile and Dockerfile.triton 10001,
+# KServe's huggingfaceserver image 1000. Named here too, so the kubelet can verify runAsNonRoot.
+PROJECT_UID, HF_RUNTIME_UID = 10001, 1000
+PORT = 8080  # every serving container's HTTP port (Knative probes must target the serving port)
 
 
 def service_account(recipe: Recipe, namespace: str, s3_endpoint: str = "minio.onevision-system.svc:9000") -> dict[str, Any]:
@@ -43,7 +56,33 @@ def _resources(target: DeployTarget) -> dict[str, Any]:
     if target.gpus:
         return {"requests": {"cpu": "4", "memory": "32Gi", "nvidia.com/gpu": str(target.gpus)},
                 "limits": {"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": str(target.gpus)}}
-    return {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}}
+    return {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "2", "memory": f"{CPU_MEMORY_LIMIT_GIB:g}Gi"}}
+
+
+def container_security(uid: int) -> dict[str, Any]:
+    """Restricted Pod Security Standard, on the container (Knative takes no pod-level securityContext by default)."""
+    return {"runAsNonRoot": True, "runAsUser": uid, "runAsGroup": uid, "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def load_allowance_s(estimate: MemoryEstimate) -> int:
+    """Seconds before liveness counts: every server opens its port only after loading the model (ours,
+    tritonserver, KServe's HF server), which reads the weights from the storage initializer's volume.
+    60 s for the runtime plus 3 s per GiB of weights (about 350 MB/s, a network disk): 72B bf16 ~ 8 min."""
+    return int(60 + 3 * estimate.weights / GIB)
+
+
+def probes(ready_path: str, estimate: MemoryEstimate) -> dict[str, Any]:
+    """Readiness on the model's ready route (503 while loading), liveness on the server's live route."""
+    return {"readinessProbe": {"httpGet": {"path": ready_path, "port": PORT}, "periodSeconds": 10,
+                               "timeoutSeconds": 5, "failureThreshold": 3},
+            "livenessProbe": {"httpGet": {"path": "/v2/health/live", "port": PORT},
+                              "initialDelaySeconds": load_allowance_s(estimate), "periodSeconds": 30,
+                              "timeoutSeconds": 10, "failureThreshold": 5}}
+
+
+SHM_VOLUME = {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}}
+SHM_MOUNT = {"name": "dshm", "mountPath": "/dev/shm"}  # NCCL between vLLM's tensor-parallel workers
 
 
 def _metadata(target: DeployTarget, recipe: Recipe) -> dict[str, Any]:
@@ -65,47 +104,68 @@ def _predictor_common(target: DeployTarget) -> dict[str, Any]:
 
 
 def kserve_predictor(target: DeployTarget, recipe: Recipe, storage_uri: str) -> dict[str, Any]:
+    # serving.kserve_server places the model itself (serving.placement): bf16 on the GPUs, spread with
+    # device_map="auto" over several; KServe's v1 model route answers 503 until it is loaded.
     container = {"name": "kserve-container", "image": PROJECT_IMAGE,
                  "command": ["python", "-m", "serving.kserve_server"],
-                 "args": ["--model", "/mnt/models", "--port", "8080", "--host", "0.0.0.0",
+                 "args": ["--model", "/mnt/models", "--port", str(PORT), "--host", "0.0.0.0",
                           "--name", target.name, "--max-batch-size", str(target.max_batch_size)],
                  "env": [{"name": "STORAGE_URI", "value": storage_uri}],  # triggers the storage initializer
-                 "ports": [{"containerPort": 8080, "protocol": "TCP"}],
-                 "readinessProbe": {"httpGet": {"path": f"/v1/models/{target.name}", "port": 8080}},
+                 "ports": [{"containerPort": PORT, "protocol": "TCP"}],
+                 **probes(f"/v1/models/{target.name}", check_fits(recipe, target)),
+                 "securityContext": container_security(PROJECT_UID),
                  "resources": _resources(target)}
     return {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService", "metadata": _metadata(target, recipe),
             "spec": {"predictor": {**_predictor_common(target), "containers": [container]}}}
 
 
-def triton_runtime(target: DeployTarget) -> dict[str, Any]:
+def triton_runtime(target: DeployTarget, recipe: Recipe) -> dict[str, Any]:
+    # Triton's own health routes on its HTTP port; the InferenceService repeats them with its own size.
     return {"apiVersion": "serving.kserve.io/v1alpha1", "kind": "ServingRuntime",
             "metadata": {"name": "onevision-triton", "namespace": target.namespace},
             "spec": {"supportedModelFormats": [{"name": "triton", "version": "2", "autoSelect": True}],
                      "protocolVersions": ["v2"],
                      "containers": [{"name": "kserve-container", "image": TRITON_IMAGE,
                                      "args": ["tritonserver", "--model-repository=/mnt/models",
-                                              "--http-port=8080", "--grpc-port=9000", "--allow-metrics=true"],
-                                     "ports": [{"containerPort": 8080, "protocol": "TCP"}],
+                                              f"--http-port={PORT}", "--grpc-port=9000", "--allow-metrics=true"],
+                                     "ports": [{"containerPort": PORT, "protocol": "TCP"}],
+                                     **probes("/v2/health/ready", check_fits(recipe, target)),
+                                     "securityContext": container_security(PROJECT_UID),
                                      "resources": _resources(target)}]}}
 
 
 def triton_service(target: DeployTarget, recipe: Recipe, repository_uri: str) -> dict[str, Any]:
+    # The repository's config.pbtxt (serving.triton_repo.instance_kind_for) asks for one KIND_MODEL
+    # instance: one copy of the model over all the GPUs, not one per GPU.
     model = {"modelFormat": {"name": "triton"}, "runtime": "onevision-triton", "storageUri": repository_uri,
-             "protocolVersion": "v2", "resources": _resources(target)}
+             "protocolVersion": "v2", **probes("/v2/health/ready", check_fits(recipe, target)),
+             "securityContext": container_security(PROJECT_UID), "resources": _resources(target)}
     return {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService", "metadata": _metadata(target, recipe),
             "spec": {"predictor": {**_predictor_common(target), "model": model}}}
 
 
 def hf_service(target: DeployTarget, recipe: Recipe, storage_uri: str) -> dict[str, Any]:
-    model = {"modelFormat": {"name": "huggingface"}, "storageUri": storage_uri,
-             "args": [f"--model_name={target.name}", "--backend=vllm", "--dtype=bfloat16"],
-             "resources": _resources(target.model_copy(update={"gpus": max(1, target.gpus)}))}
+    # vLLM always runs on GPUs: a target without any gets one. KServe's HF server hands the vLLM engine
+    # arguments through (`--tensor-parallel-size`); without it vLLM uses one GPU whatever the pod has.
+    target = target.model_copy(update={"gpus": max(1, target.gpus)})
+    model: dict[str, Any] = {
+        "modelFormat": {"name": "huggingface"}, "storageUri": storage_uri,
+        "args": [f"--model_name={target.name}", "--backend=vllm", "--dtype=bfloat16",
+                 f"--tensor-parallel-size={target.gpus}"],
+        **probes(f"/v1/models/{target.name}", check_fits(recipe, target)),
+        "securityContext": container_security(HF_RUNTIME_UID),
+        "resources": _resources(target)}
+    predictor = {**_predictor_common(target), "model": model}
+    if target.gpus > 1:
+        model["volumeMounts"] = [SHM_MOUNT]
+        predictor["volumes"] = [SHM_VOLUME]
     return {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService", "metadata": _metadata(target, recipe),
-            "spec": {"predictor": {**_predictor_common(target), "model": model}}}
+            "spec": {"predictor": predictor}}
 
 
 def render(recipe: Recipe, storage_uri: str, triton_uri: str) -> dict[str, list[dict[str, Any]]]:
-    """{file name: [objects]} for every deploy target of the recipe (plus the ServiceAccount)."""
+    """{file name: [objects]} for every deploy target of the recipe (plus the ServiceAccount).
+    EndpointTooSmall (serving.sizing) when a target cannot hold the model."""
     files: dict[str, list[dict[str, Any]]] = {}
     for namespace in sorted({t.namespace for t in recipe.deploy}):
         files[f"serviceaccount-{namespace}.yaml"] = [service_account(recipe, namespace)]
@@ -113,7 +173,7 @@ def render(recipe: Recipe, storage_uri: str, triton_uri: str) -> dict[str, list[
         if target.kind == "kserve":
             files[f"{target.name}.yaml"] = [kserve_predictor(target, recipe, storage_uri)]
         elif target.kind == "triton":
-            files[f"{target.name}.yaml"] = [triton_runtime(target), triton_service(target, recipe, triton_uri)]
+            files[f"{target.name}.yaml"] = [triton_runtime(target, recipe), triton_service(target, recipe, triton_uri)]
         else:
             files[f"{target.name}.yaml"] = [hf_service(target, recipe, storage_uri)]
     return files

@@ -78,6 +78,23 @@ def _body(raw: Any) -> Any:
         raise RequestError(400, f"{INPUT} is not valid JSON: {err}") from None
 
 
+def _placement(args: dict[str, str]) -> tuple[str | None, Any]:
+    """(device_map, dtype) for the instance kind: KIND_MODEL (what a GPU deploy target gets) = one
+    instance placed by serving.placement over every GPU the pod sees (device_map="auto" on several);
+    KIND_GPU = this instance's own GPU; KIND_CPU = the CPU in fp32."""
+    import torch
+
+    from serving.placement import choose_placement, detect_placement
+
+    kind = args.get("model_instance_kind", "CPU")
+    if kind == "MODEL":
+        return detect_placement()
+    if kind == "GPU":
+        bf16 = torch.cuda.is_bf16_supported()
+        return f"cuda:{int(args.get('model_instance_device_id') or 0)}", torch.bfloat16 if bf16 else torch.float16
+    return choose_placement(False, 0)
+
+
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
@@ -91,12 +108,8 @@ class TritonPythonModel:
         limits = Limits(max_new_tokens=int(params.get("max_new_tokens") or defaults.max_new_tokens),
                         allowed_s3_buckets=buckets)
         self.max_batch_size = max(1, int(config.get("max_batch_size") or 1))
-        self.engine = Engine.load(model_uri, name=config.get("name", "onevision"),
+        self.engine = Engine.load(model_uri, *_placement(args), name=config.get("name", "onevision"),
                                   max_batch_size=self.max_batch_size, limits=limits)
-        if args.get("model_instance_kind") == "GPU":
-            import torch
-
-            self.engine.model.to(torch.device("cuda", int(args.get("model_instance_device_id") or 0)))
         self.model_uri = model_uri
 
     def _parse(self, request: Any) -> list[tuple[GenerationRequest, Any]]:

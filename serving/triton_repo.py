@@ -35,7 +35,15 @@ from typing import Self
 
 TEMPLATE = Path(__file__).with_name("triton_model.py")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-KINDS = ("KIND_CPU", "KIND_GPU")
+# KIND_MODEL: one instance that places itself (serving.placement: every visible GPU, device_map="auto"
+# on several). KIND_GPU would start one instance, a full copy of the model, on *each* visible GPU: a 72B
+# model on a 4-GPU pod would need 4 x 146 GB. KIND_GPU stays for pinning a small model to one GPU.
+KINDS = ("KIND_CPU", "KIND_GPU", "KIND_MODEL")
+
+
+def instance_kind_for(gpus: int) -> str:
+    """The instance kind for a deploy target with `gpus` GPUs: one instance spanning them, or the CPU."""
+    return "KIND_MODEL" if gpus > 0 else "KIND_CPU"
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -72,7 +80,7 @@ output [
 instance_group [
   {{
     count: 1
-    kind: {instance_kind}  # KIND_GPU (instance_kind="KIND_GPU") puts the model on the instance's GPU
+    kind: {instance_kind}  # KIND_MODEL: one instance over all the pod's GPUs; KIND_CPU: fp32 on the CPU
   }}
 ]
 {params}"""
@@ -285,10 +293,10 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--max-queue-delay-us", type=int, default=10000)
     parser.add_argument("--copy-weights", action="store_true")
-    parser.add_argument("--gpu", action="store_true", help="instance_group kind KIND_GPU")
+    parser.add_argument("--gpu", action="store_true", help="one instance over every visible GPU (KIND_MODEL)")
     args = parser.parse_args(argv)
     path = build_model_repository(args.model_uri, args.out_dir, args.name, args.max_batch_size,
-                                  args.max_queue_delay_us, args.copy_weights, "KIND_GPU" if args.gpu else "KIND_CPU")
+                                  args.max_queue_delay_us, args.copy_weights, instance_kind_for(int(args.gpu)))
     print(path)
     return 0
 

@@ -4,7 +4,7 @@
         --out s3://onevision/runs/tiny/r1/export
 
 Published under `out` (manifest last): `triton/<name>/{config.pbtxt, 1/model.py, 1/weights/...}` (the
-recipe's triton target: name, max batch size, GPU instance when it asks for GPUs; weights copied in, so
+recipe's triton target: name, max batch size, one instance over its GPUs when it asks for any; weights copied in, so
 KServe's storage initializer fetches one folder and the Triton pod needs no S3 credentials), and
 `manifests/*.yaml` (serving.manifests for every deploy target, storage pointing at `model` and at the
 repository just published). The deploy step and GitOps overlays apply these manifests.
@@ -25,7 +25,7 @@ from onevision.recipe import load_recipe
 def run(recipe_uri: str, model_uri: str, out_uri: str, work_dir: str | None = None) -> dict[str, Any]:
     """Build and publish the serving artifacts of `model_uri` (an HF folder, path or s3://)."""
     from serving.manifests import render, write
-    from serving.triton_repo import build_model_repository
+    from serving.triton_repo import build_model_repository, instance_kind_for
 
     recipe = load_recipe(recipe_uri)
     triton = next((t for t in recipe.deploy if t.kind == "triton"), None)
@@ -41,7 +41,7 @@ def run(recipe_uri: str, model_uri: str, out_uri: str, work_dir: str | None = No
     with tempfile.TemporaryDirectory(prefix="export-", dir=work_dir) as staging:
         build_model_repository(model_uri, Path(staging) / "triton", name=name,
                                max_batch_size=triton.max_batch_size if triton else 8, copy_weights=True,
-                               instance_kind="KIND_GPU" if triton and triton.gpus else "KIND_CPU")
+                               instance_kind=instance_kind_for(triton.gpus if triton else 0))
         triton_uri = storage.join(out_uri, "triton")
         manifests = write(render(recipe, model_uri, triton_uri), Path(staging) / "manifests")
         storage.publish_dir(staging, out_uri, metadata={"model": model_uri, "triton_model": name,
