@@ -172,7 +172,7 @@ def build_pipeline(recipe: Recipe, recipe_uri: str, runs_root: str = "s3://onevi
             stage2_ov_max_steps: Stage-2 OV step cap (0: epochs decide).
             training_seed: Seed of data order, sampling and initialisation.
             evaluate_batch_size: LMMs-Eval batch size (the paper's protocol is 1).
-            gpu_node_selector: JSON node selector of the GPU steps, e.g. {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}.
+            gpu_node_selector: JSON node selector of the GPU steps, e.g. {"onevision/pool": "gpu"} (only labels the Terraform pool templates carry: the autoscaler scales from zero on them).
             gpu_tolerations: JSON list of tolerations of the GPU steps, e.g. [{"key": "nvidia.com/gpu", "operator": "Exists"}].
             deploy_env: Non-production environment the gated model is deployed to (its GitOps overlay and MLflow alias).
             gitops_repo: GitOps repository URL the deploy step pushes a branch to (empty: no deploy step).

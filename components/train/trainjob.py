@@ -3,7 +3,7 @@
     manifest = trainjob_manifest(name="ov-r1-stage2-si", namespace="onevision", image=PROJECT_IMAGE,
                                  train_args=["--recipe", "recipes/ov-7b.yaml", "--stage", "stage2_si", ...],
                                  nodes=4, gpus_per_node=8, cpu="64", memory="900Gi",
-                                 node_selector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+                                 node_selector={"onevision/pool": "gpu"},
                                  tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
                                  s3_secret="onevision-s3", env={"MLFLOW_TRACKING_URI": "http://mlflow..."})
     Path(artifact_path).write_text(json.dumps(manifest))   # the train step saves what it submits
