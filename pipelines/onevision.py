@@ -45,6 +45,10 @@ ENDPOINT_KEYS = {"s3_endpoint": "AWS_ENDPOINT_URL", "mlflow_tracking_uri": "MLFL
 MLFLOW_CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 GITOPS_SECRET = "onevision-gitops"  # key .git-credentials (git's credential store format)
 GITOPS_MOUNT = "/var/run/secrets/onevision/gitops"
+# /dev/shm of a GPU step: a container gets 64 MiB by default, too little for torchrun's DataLoader workers
+# and NCCL's shared-memory transport between 8 local ranks. Memory-backed, like the Trainer runtime's
+# (infra/platform/base/trainer-runtime.yaml); it counts against the step's memory limit.
+SHM_VOLUME, SHM_PATH, SHM_SIZE = "dshm", "/dev/shm", "16Gi"
 
 
 def parameter_defaults(recipe: Recipe) -> dict[str, Any]:
@@ -82,6 +86,8 @@ def _place(task: dsl.PipelineTask, step: str, recipe: Recipe, params: dict[str, 
         task.set_accelerator_type(resources.accelerator_type or "nvidia.com/gpu").set_accelerator_limit(resources.gpus)
         kubernetes.add_node_selector_json(task, params["gpu_node_selector"])
         kubernetes.add_toleration_json(task, params["gpu_tolerations"])
+        kubernetes.empty_dir_mount(task, volume_name=SHM_VOLUME, mount_path=SHM_PATH, medium="Memory",
+                                   size_limit=SHM_SIZE)
     kubernetes.use_secret_as_env(task, recipe.cluster.s3_secret, S3_SECRET_KEYS)
     kubernetes.use_config_map_as_env(task, ENDPOINTS_CONFIGMAP, ENDPOINT_KEYS)
     for name, value in MLFLOW_CLIENT_ENV.items():

@@ -202,3 +202,31 @@ def test_compile_cli_names_a_bad_recipe(tmp_path: Path, capsys: pytest.CaptureFi
     outside.write_text(broken.read_text())  # valid, but not in the repository: the image cannot carry it
     assert main(["compile", "--recipe", str(outside), "-o", str(tmp_path / "x.yaml")]) == 1
     assert "upload one to S3" in capsys.readouterr().err
+
+
+def _memory_bytes(quantity: str) -> int:
+    number, unit = re.fullmatch(r"(\d+)([KMGT]i)?", quantity).groups()  # type: ignore[union-attr]
+    return int(number) * 1024 ** ("KMGT".index(unit[0]) + 1 if unit else 0)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_gpu_step_has_a_memory_backed_dev_shm(preset: str) -> None:
+    """8-GPU torchrun in a KFP pod: the container's default /dev/shm is 64 MiB (DataLoader workers and NCCL's
+    shared-memory transport need GiBs). Every GPU executor mounts a Memory emptyDir there, inside its memory
+    limit; CPU steps and multi-node launchers do not hold node memory for it."""
+    from pipelines.onevision import SHM_PATH
+
+    spec, platform = load_compiled(PRESETS[preset][1])
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    gpu_execs = 0
+    for label, executor in spec["deploymentSpec"]["executors"].items():
+        resources = executor["container"].get("resources", {})
+        mounts = [m for m in k8s.get(label, {}).get("emptyDirMounts", []) if m["mountPath"] == SHM_PATH]
+        if "accelerator" not in resources:
+            assert not mounts, f"{label}: a CPU step with a memory-backed /dev/shm"
+            continue
+        gpu_execs += 1
+        assert len(mounts) == 1 and mounts[0]["medium"] == "Memory", (label, mounts)
+        assert 1 << 30 <= _memory_bytes(mounts[0]["sizeLimit"]) < _memory_bytes(resources["resourceMemoryLimit"])
+    recipe = load_recipe(PRESETS[preset][0])
+    assert bool(gpu_execs) == any(r.gpus and r.nodes == 1 for r in recipe.cluster.steps.values())
