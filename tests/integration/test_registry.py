@@ -1,6 +1,8 @@
 """Register -> promote -> rollback against the real MLflow server and a local git repository: the gate
 decides `candidate`, promote refuses a failed version, champion/previous-champion move, and each overlay
-(committed on its own branch) builds with `kubectl kustomize` into a valid InferenceService."""
+(committed on its own branch) builds with `kubectl kustomize` into a valid InferenceService with its
+ServiceAccount, ExternalSecret and NetworkPolicy. Traffic: the first deployment and a rollback take 100% at
+once (no canaryTrafficPercent); a promotion over a deployed (merged) endpoint is a canary."""
 
 from __future__ import annotations
 
@@ -87,9 +89,21 @@ def _build_overlay(repo: Path, branch: str, env: str, name: str, tmp: Path) -> d
     subprocess.run(["git", "clone", "-q", "-b", branch, str(repo), str(work)], check=True)
     built = subprocess.run([KUBECTL, "kustomize", str(work / "infra/gitops/endpoints" / env / name)], capture_output=True,
                            text=True, check=True).stdout
-    (isvc,) = list(yaml.safe_load_all(built))
+    objects = [o for o in yaml.safe_load_all(built) if o]
+    assert sorted(o["kind"] for o in objects) == ["ExternalSecret", "InferenceService", "NetworkPolicy", "ServiceAccount"]
+    assert {o["metadata"]["namespace"] for o in objects} == {f"onevision-{env}"}
+    (isvc,) = [o for o in objects if o["kind"] == "InferenceService"]
     assert check_manifest(isvc) == []
+    (account,) = [o for o in objects if o["kind"] == "ServiceAccount"]
+    assert isvc["spec"]["predictor"]["serviceAccountName"] == account["metadata"]["name"]
     return isvc
+
+
+def _merge(repo: Path, branch: str) -> None:
+    """The pull request merged: the default branch (what Argo CD syncs) moves to the branch's commit."""
+    default = subprocess.run(["git", "--git-dir", str(repo), "symbolic-ref", "HEAD"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+    subprocess.run(["git", "--git-dir", str(repo), "update-ref", default, f"refs/heads/{branch}"], check=True)
 
 
 def test_promote_refuses_failed_gate_then_promotes_and_rolls_back(versions: dict, tmp_path: Path) -> None:
@@ -101,22 +115,30 @@ def test_promote_refuses_failed_gate_then_promotes_and_rolls_back(versions: dict
         promote(name, versions["bad"]["version"], "prod", str(repo))
     assert CHAMPION not in client.get_registered_model(name).aliases
 
-    first = promote(name, versions["good"]["version"], "prod", str(repo), canary=20)
+    first = promote(name, versions["good"]["version"], "prod", str(repo), canary=5)
+    assert first["first_deployment"] is True and first["canary"] is None  # no previous revision to share with
     isvc = _build_overlay(repo, first["branch"], "prod", name, tmp_path)
     env = isvc["spec"]["predictor"]["containers"][0]["env"]
     assert {"name": "STORAGE_URI", "value": versions["good_hf"]} in env
-    assert isvc["spec"]["predictor"]["canaryTrafficPercent"] == 20
+    assert "canaryTrafficPercent" not in isvc["spec"]["predictor"]
+    _merge(repo, first["branch"])
 
     second = promote(name, versions["better"]["version"], "prod", str(repo))
     aliases = client.get_registered_model(name).aliases
     assert (aliases[CHAMPION], aliases[PREVIOUS]) == (versions["better"]["version"], versions["good"]["version"])
     assert second["previous_champion"] == versions["good"]["version"]
+    assert (second["first_deployment"], second["canary"]) == (False, 20)  # the recipe's canary_percent
+    canary = _build_overlay(repo, second["branch"], "prod", name, tmp_path)
+    assert canary["spec"]["predictor"]["canaryTrafficPercent"] == 20
+    _merge(repo, second["branch"])
 
     back = rollback(name, "prod", str(repo))
     aliases = client.get_registered_model(name).aliases
     assert (aliases[CHAMPION], aliases[PREVIOUS]) == (versions["good"]["version"], versions["better"]["version"])
+    assert (back["first_deployment"], back["canary"]) == (False, None)
     restored = _build_overlay(repo, back["branch"], "prod", name, tmp_path)
     assert {"name": "STORAGE_URI", "value": versions["good_hf"]} in restored["spec"]["predictor"]["containers"][0]["env"]
+    assert "canaryTrafficPercent" not in restored["spec"]["predictor"]  # 100% to the restored version at once
     branches = subprocess.run(["git", "-C", str(repo), "branch", "--list"], capture_output=True, text=True).stdout
     assert first["branch"] in branches and back["branch"] in branches  # one reviewable branch each
 
@@ -138,10 +160,14 @@ def test_register_and_deploy_components_under_kfp_local(versions: dict, kfp_loca
                                canary_percent=0)
     assert client.get_registered_model(name).aliases["dev"] == task.outputs["version"]
     isvc = _build_overlay(repo, deployed.outputs["branch"], "dev", name, tmp_path)
+    assert "canaryTrafficPercent" not in isvc["spec"]["predictor"]  # a first deployment: all traffic
+    from components.register.promote import deploy
+
+    _merge(repo, deployed.outputs["branch"])
+    again = deploy(name, versions["better"]["version"], "dev", str(repo))
+    isvc = _build_overlay(repo, again["branch"], "dev", name, tmp_path)
     assert isvc["spec"]["predictor"]["canaryTrafficPercent"] == 20  # the recipe's, when the step sets none
     with pytest.raises(RegistryError, match="production"):
-        from components.register.promote import deploy
-
         deploy(name, task.outputs["version"], "prod", str(repo))
 
 
