@@ -2,6 +2,8 @@
 
     collate = Collator(pad_token_id=processor.tokenizer.pad_token_id)
     batch = collate([item1, item2])                  # padded: input_ids/labels/attention_mask (B, T)
+    flat = PackedCollator()([item1, item2])          # padding-free: one row (1, T1 + T2), the trainer's
+                                                     # collator when recipe.training.packing
     packed = collate_packed(pack_greedy(items, 2048), pad_token_id)   # (G, L), position_ids restart per sample
     loss = model(**batch, use_cache=False).loss      # the same per-token loss for `packed`
 
@@ -64,6 +66,104 @@ class Collator:
             attention_mask[row, : len(item)] = 1
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
                 **visual_fields(items, self.square)}
+
+
+class PackedCollator:
+    """Padding-free: a micro-batch's samples concatenated into ONE row (1, sum of lengths), no padding.
+
+    The token side is transformers' own `DataCollatorWithFlattening` (input_ids, labels with each sample's
+    first label set to -100, position_ids restarting at 0 per sample, and with `flash_kwargs` the
+    varlen boundaries cu_seq_lens_q/k + max_length_q/k). It cannot carry LLaVA-OV's visual fields: it
+    builds its batch from input_ids/labels only and drops every other key (pixel_values, image_sizes,
+    batch_num_images, pixel_values_videos), so those come from `visual_fields`, in sample order, which
+    is the order of the image/video tokens in the row. No attention mask: sdpa/eager/flex build a
+    block-diagonal causal mask from the restarting position ids (masking_utils' packed-sequence
+    detection); flash attention runs varlen, from cu_seq_lens when given (no device sync per layer to
+    re-derive them from position ids) else from the position ids. The keys reach only the language
+    model: LLaVA-OV's forward hands its **kwargs to the language model, never to the vision tower.
+    """
+
+    def __init__(self, square: bool = False, flash_kwargs: bool = False):
+        from transformers import DataCollatorWithFlattening
+
+        self.square = square
+        self.flatten = DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs)
+
+    def __call__(self, items: Sequence[ProcessedSample]) -> dict[str, Any]:
+        batch = self.flatten([{"input_ids": item.input_ids, "labels": item.labels} for item in items])
+        return {**batch, **visual_fields(items, self.square)}
+
+
+# --- attention along a padding-free row ----------------------------------------------------------
+
+VARLEN_SDPA = "onevision_varlen_sdpa"
+
+
+def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                          cu_seq_lens_q: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                          **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """sdpa one sample at a time along a packed row (B=1): what flash-attention varlen does, for sdpa.
+
+    q/k/v: (1, heads, L, head_dim), L the row's total length; the samples' bounds are `cu_seq_lens_q`
+    (n+1,) (PackedCollator with flash_kwargs), else where `position_ids` restart. sdpa with the
+    block-diagonal mask transformers would build instead computes all (sum L_i)^2 scores and masks most of
+    them; this computes sum L_i^2, causal within each sample, so a packed row costs what its samples cost
+    apart. Any other batch (padded rows: a mask from varlen_sdpa_mask) is transformers' sdpa.
+    """
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    if query.shape[0] != 1 or attention_mask is not None or (cu_seq_lens_q is None and position_ids is None):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      position_ids=position_ids, **kwargs)
+    length = query.shape[2]
+    if cu_seq_lens_q is not None:
+        bounds = cu_seq_lens_q.tolist()
+    else:
+        pos = position_ids.reshape(-1)
+        bounds = [0, *((pos[1:] != pos[:-1] + 1).nonzero().flatten() + 1).tolist(), length]
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups > 1:  # grouped-query attention: each kv head serves `groups` query heads
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    out = [torch.nn.functional.scaled_dot_product_attention(
+        query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout, scale=scaling, is_causal=True)
+        for s, e in zip(bounds, bounds[1:]) if e > s]
+    return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None
+
+
+def varlen_sdpa_mask(*args: Any, batch_size: int, attention_mask: torch.Tensor | None = None,
+                     **kwargs: Any) -> torch.Tensor | None:
+    """No mask tensor for one unpadded row (varlen_sdpa_attention keeps attention within each sample; an
+    L x L mask of a long packed row would be built for nothing); transformers' sdpa mask otherwise."""
+    from transformers.masking_utils import sdpa_mask
+
+    if batch_size == 1 and attention_mask is None:
+        return None
+    return sdpa_mask(*args, batch_size=batch_size, attention_mask=attention_mask, **kwargs)
+
+
+def use_varlen_sdpa(model: torch.nn.Module) -> bool:
+    """Switch the language model of a LLaVA-OV model from sdpa to varlen_sdpa (the vision tower keeps its own);
+    False, and no change, for any other attention (flash attention is varlen already; eager keeps the mask).
+
+    The switch is the config's runtime `_attn_implementation`, which save_pretrained does not write, so
+    saved checkpoints and HF folders still say sdpa."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    text = getattr(model.config, "text_config", model.config)
+    if text._attn_implementation not in ("sdpa", VARLEN_SDPA):
+        return False
+    AttentionInterface.register(VARLEN_SDPA, varlen_sdpa_attention)
+    AttentionMaskInterface.register(VARLEN_SDPA, varlen_sdpa_mask)
+    configs = {id(text): text}
+    for module in model.modules():  # sub-models may hold their own config objects
+        config = getattr(module, "config", None)
+        if config is not None and getattr(config, "model_type", None) == text.model_type:
+            configs[id(config)] = config
+    for config in configs.values():
+        config._attn_implementation = VARLEN_SDPA
+    return True
 
 
 def pack_greedy(items: Sequence[ProcessedSample], max_length: int) -> list[list[ProcessedSample]]:

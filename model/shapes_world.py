@@ -10,6 +10,10 @@ the output dir, `conversations` human/gpt, `<image>` / `<video>` placeholders), 
 for evaluation: `task`, `answer`, `chance`, and for multiple choice `choices` and `answer_text`.
 Recipes name a kind as `synthetic://shapes/<kind>`. Same seed -> byte-identical JSON and PNG, and MP4s that decode to identical frames.
 
+`synthetic://shapes/ov_mix?n=N&tile=T` is a separate world whose lengths follow LLaVA-OneVision's mix
+(text-only, single images on 1x1..3x3 AnyRes grids, 2-6 images, 8-32-frame videos; OV_MIX_CARD says how it
+scales to a recipe's tile of T px, written next to it as README.md and in world.json).
+
 Videos are H.264 MP4 (libx264, yuv420p) written with PyAV; where that encoder is missing it falls
 back to MPEG-4 part 2, then to an animated GIF (PyAV decodes all three). `world.json` records which.
 """
@@ -151,8 +155,9 @@ def _clamp(v: float, lo: float, hi: float) -> int:
 
 def sample_scene(rng: random.Random, *, color: str | None = None, shape: str | None = None,
                  count: int | None = None, position: str | None = None,
-                 word: str | None = None) -> Scene:
-    """One image's content. `count` 1 gets a position; a `word` forces count 1 and a text band."""
+                 word: str | None = None, size: tuple[int, int] | None = None) -> Scene:
+    """One image's content. `count` 1 gets a position; a `word` forces count 1 and a text band;
+    `size` (w, h) fixes the canvas (the OneVision mix sizes images to a chosen AnyRes grid)."""
     color = color or rng.choice(COLORS)
     shape = shape or rng.choice(SHAPES)
     if word:
@@ -171,6 +176,8 @@ def sample_scene(rng: random.Random, *, color: str | None = None, shape: str | N
                 break
     else:
         w, h = rng.choice(((56, 224), (224, 56), (56, 168), (168, 56)))  # extreme AnyRes grids
+    if size is not None:
+        w, h = size
     bg = _jitter(rng, (rng.randint(228, 248),) * 3, 5)  # type: ignore[arg-type]
     scene = Scene(w, h, bg, color, _jitter(rng, RGB[color], 10), shape, count, 0)
     if word:
@@ -291,10 +298,13 @@ def video_codec() -> str:
     return "gif"
 
 
-def video_frames(rng: random.Random, color: str, direction: str) -> tuple[list[np.ndarray], dict]:
-    """One shape crossing the frame; even sizes because yuv420p needs them."""
+def video_frames(rng: random.Random, color: str, direction: str, n: int | None = None,
+                 side: int | None = None) -> tuple[list[np.ndarray], dict]:
+    """One shape crossing the frame; even sizes because yuv420p needs them. `n` frames, `side` px square."""
     w, h = 2 * rng.randint(28, 56), 2 * rng.randint(28, 56)
-    n = rng.choice((8, 12, 16))
+    n = n or rng.choice((8, 12, 16))
+    if side is not None:
+        w = h = 2 * (side // 2)
     shape = rng.choice(SHAPES)
     r = int(rng.uniform(0.2, 0.26) * min(w, h))
     bg = _jitter(rng, (rng.randint(228, 248),) * 3, 5)  # type: ignore[arg-type]
@@ -482,6 +492,106 @@ def generate_world(out_dir: str | Path, seed: int = 0, n_per_kind: int | dict[st
                       "fps": VIDEO_FPS}}
     (out / "world.json").write_text(json.dumps(info, indent=1) + "\n")
     return paths
+
+
+# --- the OneVision-shaped mix --------------------------------------------------------------------
+# Lengths follow LLaVA-OneVision's data (in its units: one 384-px tile = 729 visual tokens):
+#   text-only turns ~100 tokens; single images at anyres_max_9: base tile + a 1x1..3x3 grid
+#   (729 x (1 + 1..9) = 1,458..7,290 tokens); multi-image: 2-6 images, base tile each (729 + 1 each);
+#   video: 8-32 frames, 2x2-pooled to 196 tokens a frame (1,568..6,272).
+# The world keeps that shape in units of the recipe's tile: each image is drawn at exactly
+# (a x tile, b x tile) px so that AnyRes picks the a x b grid, and the token counts are then those of the
+# recipe's model (tokens_per_tile per tile, a quarter of that per pooled video frame, as 196/729 is).
+# Text cannot scale with them: a ChatML turn costs ~25 tokens of scaffolding however short, so text stays
+# as short as the chat allows (see OV_MIX_CARD for what that does to the ratios at each tile size).
+OV_MIX: tuple[tuple[str, float], ...] = (("text", 0.10), ("image", 0.40), ("multi_image", 0.30), ("video", 0.20))
+OV_GRIDS: tuple[tuple[int, int], ...] = tuple((a, b) for a in (1, 2, 3) for b in (1, 2, 3))  # 1x1 .. 3x3
+OV_IMAGES = (2, 6)   # images per multi-image sample
+OV_FRAMES = (8, 32)  # frames per video file; the stage's video_frames is what the model sees
+OV_MIX_CARD = """\
+OneVision-shaped mix (synthetic://shapes/ov_mix?n=N&tile=T): {counts}.
+Proportions after LLaVA-OneVision's OneVision stage (single-image data re-sampled from Stage-2 SI, ~0.56M
+multi-image, ~0.35M video samples) plus a text-only share for Stage-2 SI's language-only data.
+Scale: one OneVision tile (729 visual tokens) = one recipe tile (tokens_per_tile = (T / patch)^2); a
+video frame = 1/4 tile (OneVision: 196/729 = 0.27). Single images: a x b grid, a, b uniform in 1..3
+(1 + a*b tiles: 2..10, OneVision's anyres_max_9 range); multi-image: 2..6 base tiles (+1 newline each);
+video: 8..32-frame files sampled to the stage's video_frames (transformers' LLaVA-OneVision takes one
+frame count per batch: pixel_values_videos is (videos, frames, 3, S, S)). Text is not scaled: ~25-60
+tokens a sample (the ChatML scaffolding alone is ~25), i.e. text-only samples are relatively longer
+than OneVision's ~100-token turns (about 0.5 tile at T = 112 px / 64 tokens a tile vs 0.14 in
+OneVision; 2 tiles at T = 56 px / 16 tokens). T = 112 keeps the shape closest at CPU cost; the training
+benchmark uses it.
+"""
+
+
+def ov_mix_sample(rng: random.Random, modality: str, tile: int) -> tuple[str, list[bytes], str, dict]:
+    """(human text, media bytes, gpt text, meta) of one OneVision-mix sample of `modality`."""
+    short = f"\n{SHORT_SUFFIX}"
+    color = rng.choice(COLORS)
+    meta: dict = {"task": f"ov_{modality}", "modality": modality, "answer": color, "chance": 1 / len(COLORS)}
+    if modality == "text":
+        # a described scene, then a question about it: text-only, answerable from the text
+        scenes = [(rng.choice(COLORS), rng.choice(SHAPES), rng.choice(COUNTS), rng.choice(POSITIONS))
+                  for _ in range(rng.randint(1, 3))]
+        scenes[0] = (color, *scenes[0][1:])
+        text = " ".join(description_text(c, s, n, p if n == 1 else None, None, None) for c, s, n, p in scenes)
+        meta["answer"] = color
+        return f"{text}\nWhat color is the first shape described?{short}", [], color, meta
+    if modality == "image":
+        a, b = rng.choice(OV_GRIDS)
+        scene = sample_scene(rng, color=color, count=1, size=(a * tile, b * tile))
+        meta.update(grid=[a, b], scene=scene.meta())
+        return f"<image>\n{q_color(1)}{short}", [png_bytes(render(scene))], color, meta
+    if modality == "multi_image":
+        n = rng.randint(*OV_IMAGES)
+        target = rng.randrange(n)
+        colors = [rng.choice(COLORS) for _ in range(n)]
+        colors[target] = color
+        scenes = [sample_scene(rng, color=c, count=1, size=(tile, tile)) for c in colors]
+        human = "".join(f"Image {j + 1}: <image>\n" for j in range(n)) + \
+            f"What color is the shape in image {target + 1}?{short}"
+        meta.update(images=n, scenes=[s.meta() for s in scenes])
+        return human, [png_bytes(render(s)) for s in scenes], color, meta
+    if modality == "video":
+        frames, vmeta = video_frames(rng, color, rng.choice(DIRECTIONS), n=rng.randint(*OV_FRAMES), side=tile)
+        meta.update(scene=vmeta)
+        return f"<video>\n{Q_VIDEO_COLOR}{short}", [_encode(video_codec(), frames)], color, meta
+    raise ValueError(f"unknown modality {modality!r}")
+
+
+def generate_ov_mix(out_dir: str | Path, n: int, seed: int = 0, tile: int = 56) -> Path:
+    """`ov_mix.json` (+ media) under out_dir: n samples in OV_MIX's proportions, in a seeded order."""
+    out = _prepare(out_dir)
+    counts = {m: round(n * share) for m, share in OV_MIX}
+    counts["image"] += n - sum(counts.values())  # rounding goes to the largest share
+    order = [m for m, _ in OV_MIX for _ in range(counts[m])]
+    random.Random(f"{seed}:ov_mix:order").shuffle(order)
+    records = []
+    for i, modality in enumerate(order):
+        rng = random.Random(f"shapes:{seed}:ov_mix:{tile}:{i}")
+        human, blobs, gpt, meta = ov_mix_sample(rng, modality, tile)
+        record: dict = {"id": f"shapes-ov_mix-{seed}-{i:05d}"}
+        if modality == "video":
+            name = f"videos/ov_mix_{i:05d}.{'gif' if video_codec() == 'gif' else 'mp4'}"
+            (out / name).write_bytes(blobs[0])
+            record["video"] = name
+        elif blobs:
+            names = [f"images/ov_mix_{i:05d}_{j}.png" for j in range(len(blobs))]
+            for name, blob in zip(names, blobs):
+                (out / name).write_bytes(blob)
+            record["image"] = names if len(names) > 1 else names[0]
+        record["conversations"] = [{"from": "human", "value": human}, {"from": "gpt", "value": gpt}]
+        record["meta"] = meta
+        records.append(record)
+    path = out / "ov_mix.json"
+    path.write_text(json.dumps(records, indent=1) + "\n")
+    card = OV_MIX_CARD.format(counts=", ".join(f"{counts[m]} {m}" for m, _ in OV_MIX))
+    (out / "world.json").write_text(json.dumps(
+        {"version": VERSION, "seed": seed, "kind": "ov_mix", "tile": tile, "counts": counts,
+         "mix": dict(OV_MIX), "grids": [list(g) for g in OV_GRIDS], "images_per_sample": list(OV_IMAGES),
+         "video_frames": list(OV_FRAMES), "card": card}, indent=1) + "\n")
+    (out / "README.md").write_text(card)
+    return path
 
 
 def corpus_texts() -> list[str]:

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from model import metrics
-from model.batching import Collator, ModalityLengthGroupedSampler
+from model.batching import Collator, ModalityLengthGroupedSampler, PackedCollator, use_varlen_sdpa
 from model.builder import build_model_and_processor, configure_stage
 from model.checkpoints import (CheckpointError, CheckpointPublisher, fetch_checkpoint, latest_complete_checkpoint,
                                merge_zero_checkpoint)
@@ -237,9 +237,23 @@ def make_trainer(recipe: Recipe, stage: StageSpec, stage_name: str, args: Any, m
                                     "stopping (lower the learning rate or check the data)")
             return loss_and_outputs
 
+        def _track_num_input_tokens(self, inputs):
+            # A padding-free row has no attention_mask and no padding: every token counts. (Without a
+            # processing_class the stock "non_padding" count falls back to numel() too, warning every batch.)
+            if not packing or "attention_mask" in inputs or self.args.include_num_input_tokens_seen == "no":
+                return super()._track_num_input_tokens(inputs)
+            tokens = torch.as_tensor(inputs["input_ids"].numel(), device=self.args.device, dtype=torch.int64)
+            self.state.num_input_tokens_seen += self.accelerator.gather(tokens).sum().item()
+
+    packing = recipe.training.packing
+    if packing:  # one padding-free row per micro-batch, attention per sample (flash varlen, or sdpa per sample)
+        attention = getattr(getattr(model.config, "text_config", model.config), "_attn_implementation", None)
+        varlen = use_varlen_sdpa(model) or str(attention or "").startswith("flash")
+        collator: Any = PackedCollator(square=square, flash_kwargs=varlen)
+    else:
+        collator = Collator(processor.tokenizer.pad_token_id, square=square)
     return StageTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                        data_collator=Collator(processor.tokenizer.pad_token_id, square=square),
-                        callbacks=[*callbacks, StopAtTheEnd()])
+                        data_collator=collator, callbacks=[*callbacks, StopAtTheEnd()])
 
 
 # --- checkpoints (model/checkpoints.py) ----------------------------------------------------------

@@ -234,11 +234,19 @@ class SyntheticSource(JsonListSource):
 
 
 def synthetic_world(uri: str, work: Path, seed: int) -> tuple[Path, str]:
-    """(world dir, kind) for synthetic://shapes/<kind>[?n=N]; one world per (seed, n), generated once."""
+    """(world dir, kind) for synthetic://shapes/<kind>[?n=N]; one world per (seed, n), generated once.
+    `ov_mix[?n=N&tile=T]` is a world of its own (model.shapes_world.generate_ov_mix)."""
     from model import shapes_world
 
     parsed = urlparse(uri)
     kind = parsed.path.strip("/")
+    if parsed.netloc == "shapes" and kind == "ov_mix":  # its own world: the OneVision-shaped mix at a tile size
+        query = parse_qs(parsed.query)
+        n, tile = int(query.get("n", [SYNTHETIC_DEFAULT_N])[0]), int(query.get("tile", [56])[0])
+        world = work / f"shapes-ov_mix-seed{seed}-n{n}-tile{tile}"
+        if not (world / "world.json").exists():
+            shapes_world.generate_ov_mix(world, n, seed=seed, tile=tile)
+        return world, kind
     if parsed.netloc != "shapes" or kind not in (*shapes_world.KINDS, *shapes_world.EVAL_KINDS):
         raise CurationError(f"{uri}: not synthetic://shapes/<kind> with kind in {shapes_world.KINDS}")
     n = int(parse_qs(parsed.query).get("n", [SYNTHETIC_DEFAULT_N])[0])
