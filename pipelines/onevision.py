@@ -27,6 +27,7 @@ from components.export.component import export
 from components.preflight.component import preflight
 from components.register.component import deploy_endpoint, register_model
 from components.train.component import train_stage
+from components.train.trainjob import QUEUE, QUEUE_LABEL
 from onevision.recipe import STAGE_NAMES, Recipe
 
 # KFP parameter suffix -> StageSpec field (preflight applies them as `<stage>.<field>` overrides)
@@ -88,6 +89,9 @@ def _place(task: dsl.PipelineTask, step: str, recipe: Recipe, params: dict[str, 
         kubernetes.add_toleration_json(task, params["gpu_tolerations"])
         kubernetes.empty_dir_mount(task, volume_name=SHM_VOLUME, mount_path=SHM_PATH, medium="Memory",
                                    size_limit=SHM_SIZE)
+        # Kueue's pod integration holds the pod (scheduling gate) until the ClusterQueue has its GPUs; the
+        # same LocalQueue as the TrainJobs, so one quota covers both (infra/platform/base/quota.yaml)
+        kubernetes.add_pod_label(task, QUEUE_LABEL, QUEUE)
     kubernetes.use_secret_as_env(task, recipe.cluster.s3_secret, S3_SECRET_KEYS)
     kubernetes.use_config_map_as_env(task, ENDPOINTS_CONFIGMAP, ENDPOINT_KEYS)
     for name, value in MLFLOW_CLIENT_ENV.items():

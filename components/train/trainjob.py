@@ -43,6 +43,9 @@ NODE_JOB = "node"
 TRAIN_COMMAND = ["torchrun", "-m", "model.train"]
 # Keys of the S3 Secret, as infra/README.md creates it and every other S3 client of the platform reads it.
 S3_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
+# Kueue (infra/platform/base/quota.yaml): the TrainJob names the LocalQueue; Kueue's trainjob integration
+# admits all of its nodes at once (gang) or none, and suspends it until then.
+QUEUE_LABEL, QUEUE = "kueue.x-k8s.io/queue-name", "onevision"
 PATCH_MANAGER = "onevision/pipeline"  # our entry in spec.runtimePatches (one entry per manager)
 # Labels JobSet and the Job controller put on every pod; the pod of node rank 0 is completion index 0.
 POD_SELECTOR = ("jobset.sigs.k8s.io/jobset-name={name},jobset.sigs.k8s.io/replicatedjob-name=" + NODE_JOB
@@ -77,7 +80,7 @@ def _check_name(name: str, nodes: int) -> None:
 def trainjob_manifest(*, name: str, namespace: str, image: str, train_args: list[str], nodes: int,
                       gpus_per_node: int, cpu: str, memory: str, node_selector: dict[str, str],
                       tolerations: list[dict], s3_secret: str, env: dict[str, str],
-                      runtime: str = "onevision-torchrun-deepspeed") -> dict:
+                      runtime: str = "onevision-torchrun-deepspeed", queue: str | None = QUEUE) -> dict:
     """The TrainJob for one stage (a plain dict, ready for the API and to be saved as the step's artifact)."""
     if nodes < 1:
         raise ValueError(f"nodes: {nodes} < 1")
@@ -112,10 +115,15 @@ def trainjob_manifest(*, name: str, namespace: str, image: str, train_args: list
         pod_spec["nodeSelector"] = dict(node_selector)
     if tolerations:  # an atomic list: it replaces the runtime's, so only set it when there is something to say
         pod_spec["tolerations"] = [{k: v for k, v in t.items() if v is not None} for t in tolerations]
+    job_labels = dict(labels)
+    if queue:  # on the TrainJob itself, where Kueue's trainjob integration reads it (None: no Kueue)
+        if len(queue) > 63 or not _DNS1123.fullmatch(queue):
+            raise ValueError(f"queue: {queue!r} is not a DNS-1123 label")
+        job_labels[QUEUE_LABEL] = queue
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": KIND,
-        "metadata": {"name": name, "namespace": namespace, "labels": dict(labels)},
+        "metadata": {"name": name, "namespace": namespace, "labels": job_labels},
         "spec": {
             "runtimeRef": {"apiGroup": GROUP, "kind": "ClusterTrainingRuntime", "name": runtime},
             "trainer": {

@@ -47,9 +47,9 @@ variable "gpu_product" {
 }
 
 variable "max_size" {
-  description = "Upper bound of the GPU node group (the group scales from zero)."
+  description = "Upper bound of the GPU node group (the group scales from zero). 18: the prod training quota (128 GPUs = 16 nodes, infra/platform/overlays/prod, Kueue) plus 2 nodes for GPU endpoints."
   type        = number
-  default     = 2
+  default     = 18
 
   validation {
     condition     = var.max_size >= 1

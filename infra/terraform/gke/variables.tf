@@ -37,9 +37,9 @@ variable "machine_type" {
 }
 
 variable "max_nodes" {
-  description = "Upper bound of the GPU pool autoscaler, per zone in gpu_node_locations."
+  description = "Upper bound of the GPU pool autoscaler, per zone in gpu_node_locations. 18: the prod training quota (128 GPUs = 16 nodes, infra/platform/overlays/prod, Kueue) plus 2 nodes for GPU endpoints; the pool scales from zero, so an unused maximum costs nothing."
   type        = number
-  default     = 2
+  default     = 18
 
   validation {
     condition     = var.max_nodes >= 1
