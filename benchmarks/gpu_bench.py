@@ -1,7 +1,8 @@
 """GPU benchmark, one command on one GPU (sized for < 10 min; not yet run on one): training tokens/s + MFU
 of a 0.5B- and a 7B-shaped LLaVA-OneVision with the recipes' settings, both as a bare forward/backward
 loop and through the product's trainer (make_trainer, the recipe's ZeRO stage, the data pipeline:
-gpu_trainer_path.py), and serving requests/s (continuous batching vs batch 1).
+gpu_trainer_path.py), the same trainer on the OneVision-shaped mix padded vs packed (`training.packing`,
+micro-batches of `--mix-batch`, on the 0.5B shape), and serving requests/s (continuous batching vs batch 1).
 
     python benchmarks/gpu_bench.py                     # on a GPU: writes benchmarks/results/gpu-<date>.json
     python benchmarks/gpu_bench.py --quick             # fewer steps and requests
@@ -328,9 +329,24 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             path["ratio_vs_matmul"] = round(path["model_flops_per_s"] / matmul, 3)
             path["ratio_vs_bare_loop"] = round(path["tokens_per_s"] / got["tokens_per_s"], 3)
             training.append(path)
+            if args.mix_batch > 1:  # the OneVision mix through make_trainer, padded then packed, same shards
+                import tempfile
+
+                shared = Path(tempfile.mkdtemp(prefix="gpu-mix-"))
+                try:
+                    padded = bench_trainer_path(shape, layers, args, device, settings, mix=True, shared=shared)
+                    packed = bench_trainer_path(shape, layers, args, device, settings, mix=True, packing=True,
+                                                shared=shared)
+                finally:
+                    shutil.rmtree(shared, ignore_errors=True)
+                for row in (padded, packed):
+                    row["ratio_vs_matmul"] = round(row["model_flops_per_s"] / matmul, 3)
+                packed["ratio_vs_padded"] = round(packed["tokens_per_s"] / padded["tokens_per_s"], 3)
+                training += [padded, packed]
     for got in training:
         mfu = f"MFU {got['mfu']:.3f}" if got["mfu"] is not None else "MFU not computed (unknown device peak)"
-        print(f"training {got['shape']} ({got.get('path', 'bare loop')}): {got['tokens_per_s']:.0f} tokens/s, {mfu}, "
+        data = f", OV mix {'packed' if got['packing'] else 'padded'}" if got.get("data") == "ov_mix" else ""
+        print(f"training {got['shape']} ({got.get('path', 'bare loop')}{data}): {got['tokens_per_s']:.0f} tokens/s, {mfu}, "
               f"{got['ratio_vs_matmul']:.2f} of measured matmul, peak {got['peak_memory_gb']} GB", flush=True)
     serving = bench_serving(args, device, settings) if not args.no_serving else None
     return {
@@ -348,6 +364,8 @@ def to_protocol(raw: dict[str, Any]) -> dict[str, Any]:
     for t in raw["training"]:
         path = (f", make_trainer (ZeRO-{t['zero_stage']}, data pipeline)" if t.get("path") == "make_trainer"
                 else ", bare fwd/bwd loop")
+        if t.get("data") == "ov_mix":
+            path += f", OneVision mix {'packed' if t['packing'] else 'padded'}, batch {t['batch']}"
         label = f"train {t['shape']}{path}" + (f" (LLM cut to {t['llm_layers']} of {t['llm_layers_full_model']} layers)"
                                                if t["llm_layers"] != t["llm_layers_full_model"] else "")
         rows.append({"label": label, "ours": t["model_flops_per_s"] / 1e12, "baseline": raw["matmul_flops_per_s"] / 1e12,
@@ -355,7 +373,15 @@ def to_protocol(raw: dict[str, Any]) -> dict[str, Any]:
                      + (f"MFU {t['mfu']:.3f} of the {t['peak_flops'] / 1e12:.0f} TFLOP/s spec peak"
                         if t["mfu"] is not None else f"MFU refused: {t['mfu_refused']}")
                      + f", {t['peak_memory_gb']} GB"
-                     + (f", {t['ratio_vs_bare_loop']:.2f}x the bare loop's tokens/s" if "ratio_vs_bare_loop" in t else "")})
+                     + (f", {t['ratio_vs_bare_loop']:.2f}x the bare loop's tokens/s" if "ratio_vs_bare_loop" in t else "")
+                     + (f", padding {t['padding_share']:.0%} of computed tokens" if t.get("data") == "ov_mix" else "")})
+    mixes = [t for t in raw["training"] if t.get("data") == "ov_mix"]
+    for padded, packed in zip(mixes[::2], mixes[1::2]):  # tokens/s: packed against padded, same shards and steps
+        rows.append({"label": f"train {packed['shape']}, make_trainer OneVision mix: packed vs padded",
+                     "ours": packed["tokens_per_s"], "baseline": padded["tokens_per_s"], "unit": "tokens/s",
+                     "notes": f"non-padding tokens/s; padding {padded['padding_share']:.0%} padded vs 0% packed; "
+                              f"MFU {packed['mfu'] if packed['mfu'] is not None else '-'} vs "
+                              f"{padded['mfu'] if padded['mfu'] is not None else '-'}"})
     serving = raw.get("serving") or {"results": {}}
     levels = [int(k.split("_")[1]) for k in serving["results"]]
     for c, r in zip(levels, serving["results"].values(), strict=True):
@@ -389,6 +415,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=32, help="serving: new tokens per request")
     parser.add_argument("--trainer-shapes", nargs="*", default=["0.5b"], choices=list(SHAPES),
                         help="shapes also measured through make_trainer + the data pipeline (none: bare loops only)")
+    parser.add_argument("--mix-batch", type=int, default=4,
+                        help="micro-batch of the OneVision-mix trainer rows, padded and packed (<= 1: no such rows)")
     parser.add_argument("--no-serving", action="store_true")
     parser.add_argument("--out", default=None, help="default: benchmarks/results/gpu-<date>.json (smoke: print only)")
     return parser.parse_args(argv)

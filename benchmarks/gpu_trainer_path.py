@@ -10,6 +10,10 @@ against: the gap is what the trainer and the data pipeline cost.
 Data: `steps x batch` generated records, each one random-noise JPEG of (grid x tile) px square (the
 stage's largest square AnyRes grid, as in the bare loop; noise so that pHash dedup keeps them all) and a
 question + answer of about `--text-tokens` tokens, curated with the recipe's own curation settings.
+With `mix`, the data is the OneVision-shaped mix instead (model/shapes_world.py `ov_mix` at the recipe's
+384-px tile: text-only, single images on 1x1..3x3 grids up to 7,290 visual tokens, 2-6 images, videos at the
+stage's 32 frames x 196 tokens) in micro-batches of `--mix-batch`, once padded and once packed
+(`training.packing`): the padding-free comparison on the real shape.
 A step's time is measured from one `on_step_end` to the next (data loading, forward, backward, the ZeRO
 optimizer step), after the warm-up steps, with the device synchronised.
 """
@@ -55,8 +59,13 @@ def write_records(folder: Path, count: int, side: int, text_tokens: int, seed: i
     return path
 
 
-def bench_trainer_path(shape: str, layers: int, args: argparse.Namespace, device: Any, settings: dict) -> dict[str, Any]:
-    """tokens/s, model FLOP/s and MFU of `make_trainer(...).train()` on the `shape`'s recipe and stage."""
+def bench_trainer_path(shape: str, layers: int, args: argparse.Namespace, device: Any, settings: dict,
+                       mix: bool = False, packing: bool = False, shared: Path | None = None) -> dict[str, Any]:
+    """tokens/s, model FLOP/s and MFU of `make_trainer(...).train()` on the `shape`'s recipe and stage.
+
+    `mix`: the OneVision-shaped mix (synthetic://shapes/ov_mix at the recipe's tile) in micro-batches of
+    `args.mix_batch` instead of uniform largest-grid images; `packing` sets `training.packing`; the mix is
+    curated once into `shared` and reused, so the padded and the packed row train on the same shards."""
     import torch
     from transformers import TrainerCallback
 
@@ -72,28 +81,39 @@ def bench_trainer_path(shape: str, layers: int, args: argparse.Namespace, device
     base, base_stage = stage_of(shape, args.stage)
     tile = TINY["tile"] if args.cpu_smoke else base.model.image_size
     grid = grid_for(base_stage, base.model.tokens_per_tile)
-    batch = args.batch or base_stage.per_device_batch_size
+    batch = args.mix_batch if mix else (args.batch or base_stage.per_device_batch_size)
     steps = settings["warmup"] + settings["steps"]
     tmp = Path(tempfile.mkdtemp(prefix="gpu-trainer-path-"))
     try:
-        records = write_records(tmp / "src", steps * batch, grid * tile, args.text_tokens)
+        if mix:  # a few spare samples: curation may drop a duplicate
+            data = [{"dataset_uri": f"synthetic://shapes/ov_mix?n={steps * batch + 8}&tile={tile}",
+                     "sampling_strategy": "all"}]
+        else:
+            records = write_records(tmp / "src", steps * batch, grid * tile, args.text_tokens)
+            data = [{"json_path": str(records), "media_root": str(records.parent)}]
         recipe_path = tmp / "recipe.yaml"
         recipe_path.write_text(yaml.safe_dump({
             "extends": str(ROOT / SHAPES[shape]["recipe"]),
-            "training": {"save_every_steps": 10**6},
+            "training": {"save_every_steps": 10**6, "packing": packing},
             "curation": {"workers": 1 if args.cpu_smoke else 0},
             "stages": {args.stage: {"max_steps": steps, "epochs": 1, "per_device_batch_size": batch,
-                                    "global_batch_size": batch,
-                                    "data": [{"json_path": str(records), "media_root": str(records.parent)}]}}}))
+                                    "global_batch_size": batch, "data": data}}}))
         recipe = load_recipe(recipe_path)
         stage = getattr(recipe.stages, args.stage)
-        curated = curate_stage(recipe, args.stage, str(tmp / "data"), work_dir=str(tmp / "work"))
-        kept = curated["totals"]["kept"] if isinstance(curated, dict) and "totals" in curated else None
+        data_dir = (shared or tmp) / "data"
+        if not (mix and shared and data_dir.exists()):
+            curated = curate_stage(recipe, args.stage, str(data_dir), work_dir=str(tmp / "work"))
+            kept = curated["totals"]["kept"] if isinstance(curated, dict) and "totals" in curated else None
+            if mix and shared:
+                (shared / "kept.json").write_text(json.dumps(kept))
+        else:
+            kept = json.loads((shared / "kept.json").read_text())
 
         single_process_env()
         tokenizer = train_tiny_tokenizer(tiny_corpus(), 560)  # offline; the model keeps Qwen2's vocabulary size
         processor = make_processor(tokenizer, recipe)
         processor.image_processor.size = {"height": tile, "width": tile}
+        processor.video_processor.size = {"height": tile, "width": tile}  # the mix has videos
         processor.num_image_tokens = (tile // recipe.model.patch_size) ** 2
         training_args = make_args(recipe, stage, args.stage, tmp / "out")  # before the model: ZeRO-3 zero.Init
         dtype = torch.bfloat16 if training_args.bf16 else torch.float32
@@ -105,19 +125,24 @@ def bench_trainer_path(shape: str, layers: int, args: argparse.Namespace, device
         configure_stage(model, processor, stage, tile)
         model.config.use_cache = False
         apply_trainable_parts(model, stage)
-        train_set, _ = build_datasets(recipe, stage, args.stage, processor, str(tmp / "data"), tmp / "cache", 0)
+        train_set, _ = build_datasets(recipe, stage, args.stage, processor, str(data_dir), tmp / "cache", 0)
         params = {"vision_tower": 0, "projector": 0, "language_model": 0}  # as gpu_bench.step_flops counts them
         for name, p in model.named_parameters():
             if "embed_tokens" not in name:
                 params[part_of(name)] += numel(p)  # ZeRO-3 built the model partitioned: ds_numel, not numel
 
         per_tile = (tile // recipe.model.patch_size) ** 2
-        counted = {"llm": 0, "vision": 0}
+        counted = {"llm": 0, "vision": 0, "computed": 0}
         marks: list[float] = []
 
         def on_batch(inputs: dict[str, Any]) -> None:  # every micro-batch the trainer takes
+            # non-padding tokens: the attention mask of padded rows; a padding-free row is all tokens
             counted["llm"] += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else inputs["input_ids"].numel()
-            counted["vision"] += (inputs["pixel_values"].shape[0] if "pixel_values" in inputs else 0) * per_tile
+            counted["computed"] += inputs["input_ids"].numel()
+            tiles = inputs["pixel_values"].shape[0] if "pixel_values" in inputs else 0
+            if "pixel_values_videos" in inputs:  # every frame goes through the vision tower as a tile
+                tiles += inputs["pixel_values_videos"].shape[0] * inputs["pixel_values_videos"].shape[1]
+            counted["vision"] += tiles * per_tile
 
         per_step: list[tuple[int, int]] = []
 
@@ -125,7 +150,7 @@ def bench_trainer_path(shape: str, layers: int, args: argparse.Namespace, device
             def on_step_end(self, args_, state, control, **kwargs):
                 sync(device)
                 marks.append(time.perf_counter())
-                per_step.append((counted["llm"], counted["vision"]))
+                per_step.append((counted["llm"], counted["vision"], counted["computed"]))
 
         trainer = make_trainer(recipe, stage, args.stage, training_args, model, processor, train_set, None,
                                [StepClock()], on_batch=on_batch)
@@ -136,6 +161,7 @@ def bench_trainer_path(shape: str, layers: int, args: argparse.Namespace, device
         spans = [b - a for a, b in zip(marks[warm:], marks[warm + 1:])]
         llm = per_step[-1][0] - per_step[warm][0]  # tokens of the timed steps (after the first timed mark)
         vision = per_step[-1][1] - per_step[warm][1]
+        computed = per_step[-1][2] - per_step[warm][2]
         seconds = sum(spans)
         factors = flops_per_token_factor(set(stage.trainable))
         flops = (factors["vision_tower"] * params["vision_tower"] * vision
@@ -148,7 +174,10 @@ def bench_trainer_path(shape: str, layers: int, args: argparse.Namespace, device
             "zero_stage": recipe.training.zero_stage, "deepspeed": training_args.deepspeed is not None,
             "dtype": str(dtype).replace("torch.", ""), "llm_layers": layers,
             "llm_layers_full_model": SHAPES[shape]["full_layers"], "batch": batch,
-            "records_curated": kept, "params_counted": params, "image_grid": f"{grid}x{grid} + base tile",
+            "records_curated": kept, "params_counted": params,
+            "data": "ov_mix" if mix else "uniform", "packing": packing,
+            "padding_share": round(1 - llm / computed, 3) if computed else None,
+            "image_grid": "1x1..3x3 + base tile (OneVision mix)" if mix else f"{grid}x{grid} + base tile",
             "timed_steps": len(spans), "median_step_s": round(statistics.median(spans), 4),
             "step_s": [round(s, 4) for s in spans], "tokens_per_s": round(llm / seconds, 1),
             "model_flops_per_s": flops / seconds, "peak_flops": peak,
