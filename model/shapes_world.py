@@ -516,11 +516,14 @@ Scale: one OneVision tile (729 visual tokens) = one recipe tile (tokens_per_tile
 video frame = 1/4 tile (OneVision: 196/729 = 0.27). Single images: a x b grid, a, b uniform in 1..3
 (1 + a*b tiles: 2..10, OneVision's anyres_max_9 range); multi-image: 2..6 base tiles (+1 newline each);
 video: 8..32-frame files sampled to the stage's video_frames (transformers' LLaVA-OneVision takes one
-frame count per batch: pixel_values_videos is (videos, frames, 3, S, S)). Text is not scaled: ~25-60
-tokens a sample (the ChatML scaffolding alone is ~25), i.e. text-only samples are relatively longer
-than OneVision's ~100-token turns (about 0.5 tile at T = 112 px / 64 tokens a tile vs 0.14 in
-OneVision; 2 tiles at T = 56 px / 16 tokens). T = 112 keeps the shape closest at CPU cost; the training
-benchmark uses it.
+frame count per batch: pixel_values_videos is (videos, frames, 3, S, S)). Text is not scaled down with
+the tiles: ChatML's scaffolding and the question alone are ~45 tokens, so a text-only sample is 62-85
+tokens (tiny tokenizer) and each visual sample carries ~45 text tokens. At T = 112 px (64 tokens a tile,
+the training benchmark's choice) that is ~1.2 tiles for a text-only sample vs ~0.14 in OneVision, and
+the lengths run 62..708 tokens (text, 3x3 image) against OneVision's ~100..7,400: the visual modalities
+keep OneVision's ratios to each other, text-only samples are relatively ~8x longer (so padding waste, and
+what packing saves, is if anything understated). At T = 56 px (16 tokens a tile, the tiny recipe) text
+would dominate (~4 tiles a text-only sample); a tile of ~210 px would match text too, at ~4x the CPU cost.
 """
 
 

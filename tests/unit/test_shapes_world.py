@@ -283,3 +283,36 @@ def test_cli_and_per_kind_counts(tmp_path: Path) -> None:
     assert len(json.loads(paths["captions"].read_text())) == 200
     with pytest.raises(ValueError):
         sw.generate_kind(tmp_path, "nonsense", 1, 0)
+
+
+def test_ov_mix_follows_the_onevision_length_mix(tmp_path: Path) -> None:
+    """synthetic://shapes/ov_mix: OV_MIX's proportions, images sized to their AnyRes grid (1x1..3x3 tiles),
+    2-6 images, 8-32-frame videos, a card, and the same bytes for the same seed; curation's URI reaches it."""
+    from components.curate.sources import synthetic_world
+
+    n, tile = 40, 56
+    world, kind = synthetic_world(f"synthetic://shapes/ov_mix?n={n}&tile={tile}", tmp_path, seed=5)
+    assert kind == "ov_mix" and world.name == f"shapes-ov_mix-seed5-n{n}-tile{tile}"
+    records = json.loads((world / "ov_mix.json").read_text())
+    counts = Counter(r["meta"]["modality"] for r in records)
+    assert counts == {m: round(share * n) for m, share in sw.OV_MIX}
+    info = json.loads((world / "world.json").read_text())
+    assert info["tile"] == tile and "729" in info["card"] and (world / "README.md").read_text() == info["card"]
+    grids = set()
+    for r in records:
+        modality = r["meta"]["modality"]
+        if modality == "text":
+            assert "image" not in r and "video" not in r and "<image>" not in r["conversations"][0]["value"]
+        elif modality == "image":
+            a, b = r["meta"]["grid"]
+            assert Image.open(world / r["image"]).size == (a * tile, b * tile)  # exactly its AnyRes grid
+            grids.add((a, b))
+        elif modality == "multi_image":
+            assert 2 <= len(r["image"]) <= 6 == sw.OV_IMAGES[1]
+            assert r["conversations"][0]["value"].count("<image>") == len(r["image"])
+        else:
+            assert sw.OV_FRAMES[0] <= r["meta"]["scene"]["num_frames"] <= sw.OV_FRAMES[1]
+            assert len(decode_video(world / r["video"])) == r["meta"]["scene"]["num_frames"]
+    assert {g[0] * g[1] for g in grids} >= {1, 9}  # from one tile to the largest grid
+    again = sw.generate_ov_mix(tmp_path / "again", n, seed=5, tile=tile)
+    assert again.read_bytes() == (world / "ov_mix.json").read_bytes()
