@@ -33,8 +33,8 @@ import torch
 from model import metrics
 from model.batching import Collator, ModalityLengthGroupedSampler, PackedCollator, use_varlen_sdpa
 from model.builder import build_model_and_processor, configure_stage
-from model.checkpoints import (CheckpointError, CheckpointPublisher, fetch_checkpoint, latest_complete_checkpoint,
-                               merge_zero_checkpoint)
+from model.checkpoints import (CheckpointError, CheckpointPublisher, fetch_checkpoint, fetch_own_part,
+                               latest_complete_checkpoint, merge_zero_checkpoint)
 from model.processing import SampleProcessor
 from model.shards import ShardDataset, open_shards
 from onevision import storage, tracking
@@ -267,6 +267,20 @@ def check_disk(path: Path, model: torch.nn.Module) -> None:
                             f"{free / 1e9:.2f} GB free (set --work-dir to a larger volume)")
 
 
+def local_dir(work_dir: str | None, stage_name: str) -> Path:
+    """This process's local scratch (shards, checkpoints before publishing): --work-dir, else
+    $ONEVISION_LOCAL_DIR, else a new temporary folder. {RANK}, {LOCAL_RANK} and {GROUP_RANK} (the node's
+    rank) are filled from torchrun's environment, so one setting gives each process or node its own
+    folder: e.g. ONEVISION_LOCAL_DIR=/scratch on a TrainJob (a per-node emptyDir), /tmp/x/node{RANK} to
+    play a node per process on one machine. Nothing is shared through it: S3 is the only shared store."""
+    setting = work_dir or os.environ.get("ONEVISION_LOCAL_DIR")
+    if not setting:
+        return Path(tempfile.mkdtemp(prefix=f"onevision-{stage_name}-"))
+    for key in ("RANK", "LOCAL_RANK", "GROUP_RANK"):
+        setting = setting.replace(f"{{{key}}}", os.environ.get(key, "0"))
+    return Path(setting)
+
+
 # --- the stage --------------------------------------------------------------------------------------
 
 def train_stage(recipe: Recipe, stage_name: str, data_uri: str, out: str, init: str | None = None,
@@ -283,7 +297,7 @@ def train_stage(recipe: Recipe, stage_name: str, data_uri: str, out: str, init: 
         pass
     if rank() == 0 and os.environ.get("MLFLOW_TRACKING_URI"):
         tracking.check_server()  # before any work: a down server fails the step in seconds, not minutes
-    work = Path(work_dir or tempfile.mkdtemp(prefix=f"onevision-{stage_name}-"))
+    work = local_dir(work_dir, stage_name)
     work.mkdir(parents=True, exist_ok=True)
     # A random tiny model is built whole before the DeepSpeed config exists, so its seeded weights are
     # the same at any world size; real models load under the config, i.e. partitioned by zero.Init.
@@ -304,11 +318,13 @@ def train_stage(recipe: Recipe, stage_name: str, data_uri: str, out: str, init: 
     check_disk(work, model)
     train_set, eval_set = build_datasets(recipe, stage, stage_name, processor, data_uri, work / "data", holdout)
 
-    resume = latest_complete_checkpoint(out)
+    args.device  # sets up torch.distributed on every path (DDP too): the checkpoint fetch below is collective
+    resume = latest_complete_checkpoint(out)  # every rank reads the same manifests: the same answer
     resume_dir = None
     if resume:
         step, uri = resume
-        resume_dir = fetch_checkpoint(uri, work / "checkpoints" / f"checkpoint-{step}")
+        # the shared files and this rank's own partitions, from S3 (the nodes share no disk)
+        resume_dir = fetch_own_part(uri, work / "checkpoints" / f"checkpoint-{step}")
         signature = json.loads((resume_dir / "model_signature.json").read_text())
         if signature != model_signature(model):
             diff = [k for k in signature if signature[k] != model_signature(model).get(k)][:3]
@@ -317,7 +333,7 @@ def train_stage(recipe: Recipe, stage_name: str, data_uri: str, out: str, init: 
         log(f"{stage_name}: resuming from {uri} (step {step})")
 
     tracker = metrics.StageTracker(recipe, stage_name, stage, model, out, mlflow_parent, rank() == 0, data_uri)
-    publisher = CheckpointPublisher(out, model_signature(model), rank() == 0)
+    publisher = CheckpointPublisher(out, model_signature(model))  # every rank uploads its own files
     trainer = make_trainer(recipe, stage, stage_name, args, model, processor, train_set, eval_set,
                            [tracker.callback(), publisher], on_batch=tracker.count_batch)
 
@@ -348,9 +364,14 @@ def train_stage(recipe: Recipe, stage_name: str, data_uri: str, out: str, init: 
                "eval_loss_before": before, "eval_loss_after": after, "trainable": trainable, "losses": losses}
     if rank() == 0:
         hf_dir = work / "hf"
-        # the Trainer saved a checkpoint at the last step; with ZeRO its fp32 master weights are merged
-        final = work / "checkpoints" / f"checkpoint-{trainer.state.global_step}"
-        state = merge_zero_checkpoint(final, model_signature(model)) if trainer.is_deepspeed_enabled else None
+        # the Trainer saved and published a checkpoint at the last step; with ZeRO its fp32 master weights
+        # are merged from every rank's partitions, fetched from the published prefix (rank 0's own files,
+        # verified, are not fetched again)
+        state = None
+        if trainer.is_deepspeed_enabled:
+            name = f"checkpoint-{trainer.state.global_step}"
+            final = fetch_checkpoint(storage.join(out, "checkpoints", name), work / "checkpoints" / name)
+            state = merge_zero_checkpoint(final, model_signature(model))
         model.save_pretrained(hf_dir, state_dict=state)
         processor.save_pretrained(hf_dir)
         storage.publish_dir(hf_dir, storage.join(out, "hf"), metadata={k: v for k, v in summary.items() if k != "losses"})
@@ -384,7 +405,8 @@ def add_stage_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--data", required=True, help="the stage's curated shards: local dir or s3:// prefix")
     parser.add_argument("--out", required=True, help="stage output: checkpoints/ and hf/ go below it")
     parser.add_argument("--init", default=None, help="HF folder to start from (the previous stage's <out>/hf)")
-    parser.add_argument("--work-dir", default=None, help="local scratch for shards and checkpoints")
+    parser.add_argument("--work-dir", default=None, help="local scratch for shards and checkpoints "
+                        "(default: $ONEVISION_LOCAL_DIR, else a temporary folder; {RANK} is filled in)")
     parser.add_argument("--holdout", type=int, default=64, help="held-out samples for before/after loss")
     parser.add_argument("--mlflow-parent", default=os.environ.get("ONEVISION_MLFLOW_PARENT_RUN"),
                         help="parent MLflow run id (the pipeline run); tracking is off without MLFLOW_TRACKING_URI")

@@ -430,6 +430,12 @@ def publish_dir(local_dir: str | os.PathLike[str], uri: str, metadata: dict[str,
              for p in _local_files(root)}
     delete(join(uri, MANIFEST_NAME))  # an old manifest must not vouch for half-replaced objects
     put_dir(root, uri)
+    return write_manifest(uri, files, metadata)
+
+
+def write_manifest(uri: str, files: dict[str, dict[str, Any]], metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write the manifest of objects already uploaded below `uri`, by this process or others (each file:
+    {"size", "sha256"}, plus any fields of the writer's); the last step of a publish."""
     manifest = {
         "format": MANIFEST_FORMAT,
         "created": datetime.now(timezone.utc).isoformat(),
