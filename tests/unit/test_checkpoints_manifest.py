@@ -168,3 +168,17 @@ def test_every_rank_uploads_its_files_and_rank0_writes_the_manifest_last(tmp_pat
     assert json.loads(signature.read_text()) == {"w": [1]}
     assert latest_complete_checkpoint(str(tmp_path / "out")) == (4, uri)
 
+
+
+def test_each_process_gets_its_local_folder_from_one_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from model.train import local_dir
+
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("GROUP_RANK", "1")
+    monkeypatch.setenv("ONEVISION_LOCAL_DIR", str(tmp_path / "node{GROUP_RANK}" / "rank{RANK}"))
+    assert local_dir(None, "stage1") == tmp_path / "node1" / "rank3"
+    assert local_dir(str(tmp_path / "w{RANK}"), "stage1") == tmp_path / "w3"  # --work-dir comes first
+    monkeypatch.delenv("ONEVISION_LOCAL_DIR")
+    made = local_dir(None, "stage1")  # one process, no setting: a fresh temporary folder, as before
+    assert made.is_dir() and made.name.startswith("onevision-stage1-")
+    made.rmdir()
