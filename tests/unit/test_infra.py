@@ -43,7 +43,7 @@ def test_overlays_differ_where_they_should() -> None:
     def quota(overlay: str) -> str:
         return next(o for o in yaml.safe_load_all(build(overlay)) if o and o["kind"] == "ResourceQuota")["spec"]["hard"]["requests.nvidia.com/gpu"]
 
-    assert (quota("local"), quota("dev"), quota("prod")) == ("0", "8", "64")
+    assert (quota("local"), quota("dev"), quota("prod")) == ("0", "8", "128")  # prod: ov-72b's 16-node stages
 
 
 CREDENTIAL = re.compile(r"AKIA[0-9A-Z]{16}|-----BEGIN [A-Z ]*PRIVATE KEY-----|"

@@ -411,7 +411,8 @@ def test_promoted_overlay_lands_where_the_applicationset_points() -> None:
 def test_appproject_limits_endpoints_to_serving_kinds_and_onevision_namespaces() -> None:
     project = argocd()["AppProject"]["spec"]
     assert {(g["group"], g["kind"]) for g in project["namespaceResourceWhitelist"]} == {
-        ("serving.kserve.io", "InferenceService"), ("serving.kserve.io", "ServingRuntime"), ("", "ServiceAccount")}
+        ("serving.kserve.io", "InferenceService"), ("serving.kserve.io", "ServingRuntime"), ("", "ServiceAccount"),
+        ("external-secrets.io", "ExternalSecret"), ("networking.k8s.io", "NetworkPolicy")}  # never a Secret
     assert project["clusterResourceWhitelist"] == [{"group": "", "kind": "Namespace"}]  # for CreateNamespace=true
     assert {d["namespace"].lstrip("!").split("*")[0] for d in project["destinations"]} <= {"onevision-", "onevision-system"}
     for namespace, expected in [("onevision-prod", True), ("onevision-dev", True), ("onevision-system", False),
