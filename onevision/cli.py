@@ -2,6 +2,7 @@
 
     onevision recipe validate recipes/*.yaml
     onevision recipe show recipes/tiny.yaml
+    onevision recipe plan recipes/ov-72b.yaml [--gpus-per-node 8 --gpu-memory-gb 80 --nodes 4]
     onevision stack up [--state-dir DIR] [--s3-port 8333] [--mlflow-port 5000]
     eval "$(onevision stack env)"
     onevision stack status | down
@@ -59,6 +60,24 @@ def _recipe_show(args: argparse.Namespace) -> int:
         print(err, file=sys.stderr)
         return 1
     return 0
+
+
+def _recipe_plan(args: argparse.Namespace) -> int:
+    from onevision.recipe import RecipeError, load_recipe
+
+    try:
+        recipe = load_recipe(args.file)
+        from onevision.plan import DEFAULT_TEXT_TOKENS, PlanError, plan_recipe
+
+        plan = plan_recipe(recipe, args.gpus_per_node, args.gpu_memory_gb, args.nodes,
+                           args.text_tokens or DEFAULT_TEXT_TOKENS)
+    except (RecipeError, PlanError) as err:
+        print(f"plan: {_one_line(err)}", file=sys.stderr)
+        return 1
+    print(plan.render())
+    for line in plan.refusals():
+        print(f"does not fit: {line}", file=sys.stderr)
+    return 0 if plan.fits else 1
 
 
 def _curate(args: argparse.Namespace) -> int:
@@ -243,6 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
     show = recipe.add_parser("show", help="print the resolved recipe with defaults")
     show.add_argument("file")
     show.set_defaults(handler=_recipe_show)
+    plan = recipe.add_parser("plan", help="per-GPU training memory of each stage (meta-device model, no GPU)")
+    plan.add_argument("file")
+    plan.add_argument("--gpus-per-node", type=int, default=None, help="default: each stage's cluster.steps gpus")
+    plan.add_argument("--gpu-memory-gb", type=float, default=None, help="GiB per GPU (default: the step's, 80)")
+    plan.add_argument("--nodes", type=int, default=None, help="default: each stage's cluster.steps nodes")
+    plan.add_argument("--text-tokens", type=int, default=None,
+                      help="text tokens beside the largest visual input of a sample (default 1024)")
+    plan.set_defaults(handler=_recipe_plan)
 
     stack = sub.add_parser("stack", help="the local S3 + MLflow stack on 127.0.0.1")
     stack.add_argument("action", choices=["up", "down", "status", "env"])

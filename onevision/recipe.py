@@ -299,6 +299,9 @@ class StepResources(_Strict):
     cpu: str = "2"
     memory: str = "8Gi"
     accelerator_type: str | None = None  # e.g. nvidia.com/gpu
+    # Memory of one of the step's GPUs (GiB): preflight's memory plan (onevision/plan.py) refuses a training
+    # stage that does not fit. 80: the GPU pool's H100 80GB (infra/terraform), as DeployTarget.gpu_memory_gb.
+    gpu_memory_gb: float = Field(80, gt=0)
     node_selector: dict[str, str] = {}
     tolerations: list[Toleration] = []
 

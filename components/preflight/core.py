@@ -10,6 +10,9 @@ Checks, all of them, reported together (one run fails once, with every reason):
   mlflow       the tracking server answers /health within seconds (not after minutes of client retries)
   registry     the model registry answers, and the champion's version (if any) can be read
   recipe       the recipe with the run's overrides validates; a resumed run id keeps the same recipe
+  memory       every training stage on GPUs fits its step's GPUs (`cluster.steps`: gpus per node, nodes,
+               gpu_memory_gb): the plan of `onevision recipe plan` (onevision/plan.py), printed; a stage
+               that does not fit is named with its shortfall
 Then it publishes the resolved recipe at `<run_uri>/recipe/recipe.yaml` (what every later step reads)
 with `data.json`: each enabled stage's data recipe (components/curate/datarecipe.py: the mixture, the
 curation settings, the record files' ETags) and the content-addressed prefix its shards go to,
@@ -117,6 +120,22 @@ def check_mlflow(recipe: Recipe, timeout_s: float = 5.0) -> list[str]:
     return []
 
 
+def check_memory(recipe: Recipe) -> list[str]:
+    """The memory plan against the recipe's own cluster resources; one line per stage that does not fit.
+    A recipe whose stages all run on CPU steps (gpus 0, the tiny recipe) is not planned (nor is torch
+    loaded)."""
+    if not any(recipe.cluster.resources(name).gpus for name, _ in recipe.stages.enabled()):
+        return []
+    from onevision.plan import PlanError, plan_recipe
+
+    try:
+        plan = plan_recipe(recipe)
+    except PlanError as err:
+        return [f"memory: cannot plan {recipe.name}: {err}"]
+    print("[preflight] memory plan:\n" + plan.render(), flush=True)
+    return [f"memory: {line}" for line in plan.refusals()]
+
+
 def default_data_root(runs_root: str) -> str:
     """`curated` beside the runs: s3://onevision/runs -> s3://onevision/curated."""
     parent, _, name = runs_root.rstrip("/").rpartition("/")
@@ -164,7 +183,7 @@ def run(recipe_uri: str, runs_root: str, run_id: str, overrides: dict[str, Any] 
         recipe = apply_overrides(load_recipe(recipe_uri), overrides or {})
     except RecipeError as err:
         raise PreflightError(f"recipe: {err}") from None
-    problems = check_s3(runs_root, recipe) + check_mlflow(recipe)
+    problems = check_s3(runs_root, recipe) + check_mlflow(recipe) + check_memory(recipe)
     if problems:
         raise PreflightError("preflight failed, nothing was started:\n  " + "\n  ".join(problems))
     run_uri = storage.join(runs_root, recipe.name, run_id)
