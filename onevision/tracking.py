@@ -124,25 +124,38 @@ def experiment_name(recipe: Recipe) -> str:
 
 
 def ensure_pipeline_run(recipe: Recipe, pipeline_run_id: str) -> str:
-    """Return the id of the parent MLflow run of this pipeline run, creating it (with params) once."""
+    """Return the id of the parent MLflow run of this pipeline run, creating it (with params) once.
+
+    The parent stays RUNNING for the whole pipeline run: the pipeline's exit handler ends it
+    (components/finish), FINISHED or FAILED. A resumed pipeline run finds it again and sets it RUNNING."""
     import mlflow
+    from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
     check_server()
     client = MlflowClient()
     experiment = mlflow.set_experiment(experiment_name(recipe))
+    found = find_pipeline_run(client, experiment.experiment_id, pipeline_run_id)
+    if found is not None:
+        if found.info.status != "RUNNING":
+            client.update_run(found.info.run_id, status="RUNNING")
+        return found.info.run_id
+    run = client.create_run(experiment.experiment_id, run_name=pipeline_run_id,
+                            tags={**lineage_tags(recipe, pipeline_run_id), TAG_STEP: "pipeline"})
+    params = [Param(k, v) for k, v in flatten_params(recipe.model_dump(mode="json")).items()]
+    for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run.info.run_id, params=params[i:i + 100])
+    return run.info.run_id
+
+
+def find_pipeline_run(client: Any, experiment_id: str, pipeline_run_id: str) -> Any | None:
+    """The parent run of a pipeline run (tags onevision.pipeline_run_id and onevision.step=pipeline), or None."""
     found = client.search_runs(
-        [experiment.experiment_id],
+        [experiment_id],
         filter_string=f"tags.`{TAG_PIPELINE_RUN}` = '{pipeline_run_id}' and tags.`{TAG_STEP}` = 'pipeline'",
         max_results=1,
     )
-    if found:
-        return found[0].info.run_id
-    run = client.create_run(experiment.experiment_id, run_name=pipeline_run_id,
-                            tags={**lineage_tags(recipe, pipeline_run_id), TAG_STEP: "pipeline"})
-    with mlflow.start_run(run_id=run.info.run_id):
-        mlflow.log_params(flatten_params(recipe.model_dump(mode="json")))
-    return run.info.run_id
+    return found[0] if found else None
 
 
 @contextmanager

@@ -14,13 +14,13 @@ the newest complete checkpoint) and skips (or continues); nothing finished is re
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
+from components.finish.core import curated_uris
 from onevision import stack, storage, tracking
 from onevision.recipe import load_recipe
 
@@ -49,15 +49,6 @@ def _metadata(uri: str) -> dict[str, Any] | None:
         return storage.read_manifest(uri)["metadata"]
     except storage.ManifestMissingError:
         return None
-
-
-def curated_uris(run_uri: str) -> dict[str, str]:
-    """{stage: its curated data's prefix}, as preflight pinned them for the run ({} before preflight)."""
-    try:
-        plan = json.loads(storage.read_bytes(storage.join(run_uri, "recipe", "data.json")))
-    except storage.StorageNotFoundError:
-        return {}
-    return {stage: entry["data_uri"] for stage, entry in plan.items()}
 
 
 def run_summary(recipe_path: str, run_uri: str, run_id: str, mlflow_ui: str) -> dict[str, Any]:

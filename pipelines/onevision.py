@@ -6,6 +6,7 @@
     preflight -> curate(stage) ... -> stage1 -> stage1_5 -> stage2_si -> evaluate(SI) -> stage2_ov
               -> evaluate(OV) -> [gate passed] export -> register -> [gitops_repo set] deploy
                                  [gate failed] stop_on_failed_gate (the run fails, naming the gate's reasons)
+    finish (the exit handler, after all of them whatever happened): ends the parent MLflow run
 
 The recipe gives the DAG's shape (which stages, which are evaluated, GPUs per step, which stage spans
 nodes) and the pipeline parameters' defaults; the parameters (typed, prefixed by step) override it per
@@ -24,6 +25,7 @@ from kfp import dsl, kubernetes
 from components.curate.component import curate
 from components.evaluate.component import evaluate, stop_on_failed_gate
 from components.export.component import export
+from components.finish.component import finish_pipeline_run
 from components.preflight.component import preflight
 from components.register.component import deploy_endpoint, register_model
 from components.train.component import train_stage
@@ -37,7 +39,7 @@ STAGE_PARAMETERS = {"learning_rate": "lr", "vision_tower_learning_rate": "vision
 # preflight never retries (its failure is a configuration error); the rest retry transient faults once.
 STEP_POLICY = {"preflight": (600, 0), "curate": (12 * 3600, 1), "train": (7 * 24 * 3600, 2),
                "evaluate": (12 * 3600, 1), "stop": (300, 0), "export": (2 * 3600, 1), "register": (600, 2),
-               "deploy": (600, 2)}
+               "deploy": (600, 2), "finish": (600, 2)}
 S3_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}  # infra/platform/base
 ENDPOINTS_CONFIGMAP = "onevision-endpoints"
 ENDPOINT_KEYS = {"s3_endpoint": "AWS_ENDPOINT_URL", "mlflow_tracking_uri": "MLFLOW_TRACKING_URI"}
@@ -189,54 +191,59 @@ def build_pipeline(recipe: Recipe, recipe_uri: str, runs_root: str = "s3://onevi
             canary_percent: Canary traffic percent of the deployment (0: the recipe's).
         """
         params = dict(locals())
-        pre = preflight(recipe_uri=recipe_uri, runs_root=runs_root, data_root=data_root, run_id=run_id,
-                        kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, overrides=_overrides(params, recipe))
-        _place(pre, "preflight", recipe, params, "preflight")
-        run_uri, pinned, parent = pre.outputs["run_uri"], pre.outputs["recipe_uri"], pre.outputs["mlflow_parent"]
+        # the parent MLflow run spans the pipeline run: this exit task ends it, whatever happened inside
+        finish = finish_pipeline_run(recipe_uri=recipe_uri, runs_root=runs_root, run_id=run_id,
+                                     kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+        _place(finish.set_display_name("finish"), "finish", recipe, params, "finish")
+        with dsl.ExitHandler(finish, name="pipeline-run"):
+            pre = preflight(recipe_uri=recipe_uri, runs_root=runs_root, data_root=data_root, run_id=run_id,
+                            kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, overrides=_overrides(params, recipe))
+            _place(pre, "preflight", recipe, params, "preflight")
+            run_uri, pinned, parent = pre.outputs["run_uri"], pre.outputs["recipe_uri"], pre.outputs["mlflow_parent"]
 
-        init, previous, evaluations = "", None, {}
-        data_uris, checkpoints = {}, {}
-        for stage in enabled:
-            # nothing run-specific in: a run with the same data recipe hits the cache (or the published prefix)
-            cur = curate(data_recipe=pre.outputs[f"{stage}_data_recipe"], out_uri=pre.outputs[f"{stage}_data_uri"],
-                         workers=curate_workers).set_display_name(f"curate {stage}")
-            _place(cur, "curate", recipe, params, "curate", cache=True)
-            multi_node = recipe.cluster.resources(stage).nodes > 1
-            train = train_stage(recipe_uri=pinned, stage=stage, data_uri=cur.outputs["shards_uri"], init_uri=init,
-                                out_uri=f"{run_uri}/{stage}", mlflow_parent=parent, run_id=pre.outputs["run_id"],
-                                node_selector=gpu_node_selector, tolerations=gpu_tolerations)
-            _place(train.set_display_name(stage), stage, recipe, params, "train", launcher=multi_node)
-            kubernetes.use_field_path_as_env(train, "ONEVISION_NAMESPACE", "metadata.namespace")  # the TrainJob's
-            if previous is not None:
-                train.after(previous)  # Stage-2 OV waits for the SI evaluation (GPUs are the scarce resource)
-            init = train.outputs["hf_uri"]
-            data_uris[stage], checkpoints[stage] = cur.outputs["shards_uri"], init
-            previous = train
-            if stage in recipe.evaluation.after_stages:
-                ev = evaluate(recipe_uri=pinned, stage=stage, model_uri=init, out_uri=f"{run_uri}/evaluate/{stage}",
-                              mlflow_parent=parent).set_display_name(f"evaluate {stage}")
-                _place(ev, "evaluate", recipe, params, "evaluate")
-                evaluations[stage] = previous = ev
+            init, previous, evaluations = "", None, {}
+            data_uris, checkpoints = {}, {}
+            for stage in enabled:
+                # nothing run-specific in: a run with the same data recipe hits the cache (or the published prefix)
+                cur = curate(data_recipe=pre.outputs[f"{stage}_data_recipe"], out_uri=pre.outputs[f"{stage}_data_uri"],
+                             workers=curate_workers).set_display_name(f"curate {stage}")
+                _place(cur, "curate", recipe, params, "curate", cache=True)
+                multi_node = recipe.cluster.resources(stage).nodes > 1
+                train = train_stage(recipe_uri=pinned, stage=stage, data_uri=cur.outputs["shards_uri"], init_uri=init,
+                                    out_uri=f"{run_uri}/{stage}", mlflow_parent=parent, run_id=pre.outputs["run_id"],
+                                    node_selector=gpu_node_selector, tolerations=gpu_tolerations)
+                _place(train.set_display_name(stage), stage, recipe, params, "train", launcher=multi_node)
+                kubernetes.use_field_path_as_env(train, "ONEVISION_NAMESPACE", "metadata.namespace")  # the TrainJob's
+                if previous is not None:
+                    train.after(previous)  # Stage-2 OV waits for the SI evaluation (GPUs are the scarce resource)
+                init = train.outputs["hf_uri"]
+                data_uris[stage], checkpoints[stage] = cur.outputs["shards_uri"], init
+                previous = train
+                if stage in recipe.evaluation.after_stages:
+                    ev = evaluate(recipe_uri=pinned, stage=stage, model_uri=init, out_uri=f"{run_uri}/evaluate/{stage}",
+                                  mlflow_parent=parent).set_display_name(f"evaluate {stage}")
+                    _place(ev, "evaluate", recipe, params, "evaluate")
+                    evaluations[stage] = previous = ev
 
-        gate = evaluations[final]
-        with dsl.If(gate.outputs["passed"] == True, name="gate-passed"):  # noqa: E712 - a KFP condition
-            exported = export(recipe_uri=pinned, model_uri=init, out_uri=f"{run_uri}/export")
-            _place(exported, "export", recipe, params, "export")
-            registered = register_model(recipe_uri=pinned, model_uri=init, evaluation_uri=gate.outputs["results_uri"],
-                                        export_uri=f"{run_uri}/export", pipeline_run_id=pre.outputs["run_id"],
-                                        data_uris=data_uris, checkpoints=checkpoints)
-            registered.after(exported)  # the version names the published export
-            _place(registered, "register", recipe, params, "register")
-            with dsl.If(gitops_repo != "", name="gitops-repo-set"):
-                deployed = deploy_endpoint(name=registered.outputs["name"], version=registered.outputs["version"],
-                                           env=deploy_env, gitops_repo=gitops_repo, canary_percent=canary_percent)
-                _place(deployed, "deploy", recipe, params, "deploy")
-                kubernetes.use_secret_as_volume(deployed, GITOPS_SECRET, GITOPS_MOUNT, optional=True)
-                deployed.set_env_variable("GIT_CONFIG_COUNT", "1").set_env_variable(
-                    "GIT_CONFIG_KEY_0", "credential.helper").set_env_variable(
-                    "GIT_CONFIG_VALUE_0", f"store --file={GITOPS_MOUNT}/.git-credentials")
-        with dsl.Else(name="gate-failed"):
-            stop = stop_on_failed_gate(stage=final, reasons=gate.outputs["reasons"], results_uri=gate.outputs["results_uri"])
-            _place(stop, "register", recipe, params, "stop")
+            gate = evaluations[final]
+            with dsl.If(gate.outputs["passed"] == True, name="gate-passed"):  # noqa: E712 - a KFP condition
+                exported = export(recipe_uri=pinned, model_uri=init, out_uri=f"{run_uri}/export")
+                _place(exported, "export", recipe, params, "export")
+                registered = register_model(recipe_uri=pinned, model_uri=init, evaluation_uri=gate.outputs["results_uri"],
+                                            export_uri=f"{run_uri}/export", pipeline_run_id=pre.outputs["run_id"],
+                                            data_uris=data_uris, checkpoints=checkpoints)
+                registered.after(exported)  # the version names the published export
+                _place(registered, "register", recipe, params, "register")
+                with dsl.If(gitops_repo != "", name="gitops-repo-set"):
+                    deployed = deploy_endpoint(name=registered.outputs["name"], version=registered.outputs["version"],
+                                               env=deploy_env, gitops_repo=gitops_repo, canary_percent=canary_percent)
+                    _place(deployed, "deploy", recipe, params, "deploy")
+                    kubernetes.use_secret_as_volume(deployed, GITOPS_SECRET, GITOPS_MOUNT, optional=True)
+                    deployed.set_env_variable("GIT_CONFIG_COUNT", "1").set_env_variable(
+                        "GIT_CONFIG_KEY_0", "credential.helper").set_env_variable(
+                        "GIT_CONFIG_VALUE_0", f"store --file={GITOPS_MOUNT}/.git-credentials")
+            with dsl.Else(name="gate-failed"):
+                stop = stop_on_failed_gate(stage=final, reasons=gate.outputs["reasons"], results_uri=gate.outputs["results_uri"])
+                _place(stop, "register", recipe, params, "stop")
 
     return onevision

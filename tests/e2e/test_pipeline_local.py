@@ -148,6 +148,21 @@ def test_mlflow_has_the_run_tree_and_training_metrics(flow) -> None:
     assert "lr_vision_tower" in by_step["stage2_si"].data.metrics
     assert "lr_vision_tower" not in by_step["stage1"].data.metrics
 
+    # the parent spans the pipeline run (killed once, resumed into the same parent) and carries its summary
+    pipeline = by_step["pipeline"]
+    assert pipeline.info.status == "FINISHED" and pipeline.data.tags["onevision.pipeline_state"] == "SUCCEEDED"
+    last_step_end = max(r.info.end_time for r in runs if r.info.run_id != parent)
+    assert pipeline.info.end_time >= last_step_end
+    summary = pipeline.data.metrics
+    assert summary["wall_s/pipeline"] == pytest.approx((pipeline.info.end_time - pipeline.info.start_time) / 1000)
+    for stage in STAGES:
+        assert summary[f"records_kept/{stage}"] == storage.read_manifest(data[stage])["metadata"]["kept"]
+        hf = storage.read_manifest(f"{PREFIX}/{stage}/hf")["metadata"]
+        assert summary[f"heldout_loss/{stage}"] == pytest.approx(hf["eval_loss_after"], rel=1e-5)
+        assert summary[f"wall_s/{stage}"] > 0
+    assert summary["gate_passed/stage2_ov"] == 1.0 and summary["eval/stage2_ov/shapes_color/exact_match"] > 0
+    assert "timeline.png" in {a.path for a in client.list_artifacts(parent)}
+
 
 def test_the_registered_version_carries_lineage_and_was_deployed(flow, gitops: Path) -> None:
     from components.register.core import CANDIDATE, TAG_CHECKPOINT_PREFIX, TAG_EXPORT, TAG_GATE
@@ -249,3 +264,5 @@ def test_a_failed_gate_stops_the_dag_before_register_and_deploy(flow, local_stac
     assert not storage.exists(f"{prefix}/export/_MANIFEST.json")
     assert curated(prefix) == curated() and {u: storage.read_manifest(u)["created"] for u in data_created} == data_created
     assert not [v for v in client.search_model_versions(f"name = '{name}'") if v.tags.get(tracking.TAG_PIPELINE_RUN) == run]
+    parent = tracking.find_pipeline_run(client, client.get_experiment_by_name("onevision-tiny").experiment_id, run)
+    assert parent.info.status == "FAILED" and parent.data.tags["onevision.pipeline_state"] == "FAILED"

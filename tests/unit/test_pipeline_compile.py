@@ -98,7 +98,8 @@ def test_dag_order_gate_and_caching(preset: str) -> None:
                                                                 "outputParameterKey": f"{stage}_data_recipe"}
         assert params["out_uri"]["taskOutputParameter"] == {"producerTask": "preflight",
                                                             "outputParameterKey": f"{stage}_data_uri"}
-        assert params["workers"] == {"componentInputParameter": "curate_workers"}
+        # inside the exit handler's DAG a pipeline parameter arrives as its channel
+        assert params["workers"] == {"componentInputParameter": "pipelinechannel--curate_workers"}
     # tasks are numbered in creation order: stage1 is train-stage, stage1_5 train-stage-2, ...; SI's eval is evaluate
     assert {"preflight", "curate"} <= deps["train-stage"]
     assert {"train-stage", "curate-2"} <= deps["train-stage-2"]
@@ -107,7 +108,8 @@ def test_dag_order_gate_and_caching(preset: str) -> None:
     assert {"train-stage-3", "evaluate", "curate-4"} <= deps["train-stage-4"]  # OV waits for the SI evaluation
     assert {"train-stage-4"} <= deps["evaluate-2"]
     # register and deploy sit under the gate's `passed == true` branch; the else branch stops the run
-    conditions = {name: task["triggerPolicy"]["condition"] for name, task in tasks.items() if "triggerPolicy" in task}
+    conditions = {name: task["triggerPolicy"]["condition"] for name, task in tasks.items()
+                  if "condition" in task.get("triggerPolicy", {})}
     passed = [c for n, c in conditions.items() if n.startswith("condition") and "evaluate-2-passed" in c and "!" not in c]
     failed = [c for n, c in conditions.items() if n.startswith("condition") and "evaluate-2-passed" in c and "!" in c]
     assert passed and failed, conditions
@@ -115,6 +117,24 @@ def test_dag_order_gate_and_caching(preset: str) -> None:
                        if "register-model" in c.get("dag", {}).get("tasks", {}))
     assert "export" in gate_branch["dag"]["tasks"]
     assert "stop-on-failed-gate" not in gate_branch["dag"]["tasks"]
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_the_exit_handler_ends_the_run_whatever_happened(preset: str) -> None:
+    spec, _ = load_compiled(PRESETS[preset][1])
+    root = spec["root"]["dag"]["tasks"]
+    assert set(root) == {"exit-handler-1", "finish-pipeline-run"}  # every other task sits inside the handler
+    inside = spec["components"][root["exit-handler-1"]["componentRef"]["name"]]["dag"]["tasks"]
+    assert {"preflight", "train-stage", "evaluate-2"} <= set(inside)
+    finish = root["finish-pipeline-run"]
+    assert finish["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"  # runs after a failure too
+    assert finish["dependentTasks"] == ["exit-handler-1"]
+    params = finish["inputs"]["parameters"]
+    assert params["status"] == {"taskFinalStatus": {"producerTask": "exit-handler-1"}}
+    # an exit task takes no other task's output: it finds the parent run from the run id and the recipe
+    assert all("taskOutputParameter" not in p for p in params.values()), params
+    assert params["run_id"] == {"componentInputParameter": "run_id"}
+    assert params["kfp_run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
 
 
 @pytest.mark.parametrize("preset", ["ov-0.5b", "ov-7b", "ov-72b"])
@@ -138,8 +158,11 @@ def test_gpu_steps_carry_accelerator_pool_and_secret_references(preset: str) -> 
     for label in gpu_execs:
         accel = containers[label]["container"]["resources"]["accelerator"]
         assert accel["resourceType"] == "nvidia.com/gpu" and int(accel["resourceCount"]) >= 1, label
-        assert k8s[label]["nodeSelector"] == {"nodeSelectorJson": {"componentInputParameter": "gpu_node_selector"}}
-        assert k8s[label]["tolerations"] == [{"tolerationJson": {"componentInputParameter": "gpu_tolerations"}}]
+        # the pipeline parameters, as the exit handler's DAG passes them on (KFP resolves them in the parent DAG)
+        assert k8s[label]["nodeSelector"] == {
+            "nodeSelectorJson": {"componentInputParameter": "pipelinechannel--gpu_node_selector"}}
+        assert k8s[label]["tolerations"] == [
+            {"tolerationJson": {"componentInputParameter": "pipelinechannel--gpu_tolerations"}}]
     for label, config in k8s.items():  # every step: credentials by Secret reference, a deadline
         (secret,) = config["secretAsEnv"]
         assert secret["secretName"] == recipe.cluster.s3_secret
