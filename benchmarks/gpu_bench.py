@@ -153,7 +153,7 @@ def training_batch(model: Any, tile: int, grid: int, batch: int, text_tokens: in
 def step_flops(model: Any, trainable: set[str], llm_tokens: int, vision_tokens: int) -> tuple[float, dict[str, int]]:
     """Model FLOPs of one training step (model.metrics' factors; input embeddings are lookups, not counted)."""
     from model.metrics import flops_per_token_factor
-    from model.train import part_of
+    from onevision.recipe import part_of
 
     params = {"vision_tower": 0, "projector": 0, "language_model": 0}
     for name, p in model.named_parameters():

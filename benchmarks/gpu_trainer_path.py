@@ -74,9 +74,8 @@ def bench_trainer_path(shape: str, layers: int, args: argparse.Namespace, device
     from model.builder import configure_stage, make_processor, tiny_corpus, train_tiny_tokenizer
     from model.chat import IMAGE_TOKEN, VIDEO_TOKEN
     from model.metrics import device_peak_flops, flops_per_token_factor, unknown_peak_reason
-    from model.train import (apply_trainable_parts, build_datasets, make_args, make_trainer, numel, part_of,
-                             single_process_env)
-    from onevision.recipe import load_recipe
+    from model.train import apply_trainable_parts, build_datasets, make_args, make_trainer, single_process_env
+    from onevision.recipe import load_recipe, numel, part_of
 
     base, base_stage = stage_of(shape, args.stage)
     tile = TINY["tile"] if args.cpu_smoke else base.model.image_size

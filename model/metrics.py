@@ -27,7 +27,7 @@ import torch
 from transformers import TrainerCallback
 
 from onevision import storage, tracking
-from onevision.recipe import Recipe, StageSpec
+from onevision.recipe import Recipe, StageSpec, numel, part_of
 
 GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
 ORDER = ("vision_tower", "projector", "language_model")
@@ -75,8 +75,6 @@ def flops_per_token_factor(trainable: set[str]) -> dict[str, int]:
 class StageTracker:
     def __init__(self, recipe: Recipe, stage_name: str, stage: StageSpec, model: torch.nn.Module, out: str,
                  parent_run: str | None, is_main: bool, data_uri: str | None = None):
-        from model.train import numel, part_of
-
         self.recipe, self.stage_name, self.stage, self.out = recipe, stage_name, stage, out
         self.enabled = is_main and bool(os.environ.get("MLFLOW_TRACKING_URI"))
         self.parent_run, self.data_uri = parent_run, data_uri

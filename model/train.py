@@ -38,7 +38,7 @@ from model.checkpoints import (CheckpointError, CheckpointPublisher, fetch_check
 from model.processing import SampleProcessor
 from model.shards import ShardDataset, open_shards
 from onevision import storage, tracking
-from onevision.recipe import STAGE_NAMES, Recipe, StageSpec, load_recipe
+from onevision.recipe import STAGE_NAMES, Recipe, StageSpec, load_recipe, numel, part_of
 
 EXIT_USAGE, EXIT_FAILED = 2, 3
 
@@ -66,15 +66,6 @@ def log(message: str) -> None:
 
 # --- model parts ------------------------------------------------------------------------------------
 
-def part_of(name: str) -> str:
-    """Which recipe part a parameter belongs to (LLaVA-NeXT's mm_tunable_parts, renamed)."""
-    if ".vision_tower." in f".{name}":
-        return "vision_tower"
-    if "multi_modal_projector" in name or "image_newline" in name:
-        return "projector"  # image_newline lives in the projector's output space
-    return "language_model"  # language_model.* and lm_head
-
-
 def apply_trainable_parts(model: torch.nn.Module, stage: StageSpec) -> dict[str, int]:
     """Freeze everything outside the stage's trainable parts; returns trainable parameter counts."""
     counts = {"vision_tower": 0, "projector": 0, "language_model": 0}
@@ -83,10 +74,6 @@ def apply_trainable_parts(model: torch.nn.Module, stage: StageSpec) -> dict[str,
         if param.requires_grad:
             counts[part_of(name)] += numel(param)
     return counts
-
-
-def numel(param: torch.nn.Parameter) -> int:
-    return getattr(param, "ds_numel", None) or param.numel()  # ZeRO-3 partitions leave shape (0,)
 
 
 def model_signature(model: torch.nn.Module) -> dict[str, list[int]]:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from onevision.recipe import Recipe, StageSpec
+from onevision.recipe import Recipe, StageSpec, part_of
 
 GIB = 1024**3
 # The share of a GPU's memory training may plan for: the rest is the CUDA context, NCCL buffers and the
@@ -217,16 +217,6 @@ def build_meta_model(recipe: Recipe, attn: str = "sdpa") -> Any:
     config._attn_implementation = attn  # sdpa: the mask-free causal path the meta forward takes
     with torch.device("meta"):
         return LlavaOnevisionForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
-
-
-def part_of(name: str) -> str:
-    """model.train.part_of, the recipe part a parameter belongs to (a test keeps the two equal): importing
-    model.train costs ~10 s (the Trainer, peft, MLflow), a third of the plan's time budget."""
-    if ".vision_tower." in f".{name}":
-        return "vision_tower"
-    if "multi_modal_projector" in name or "image_newline" in name:
-        return "projector"
-    return "language_model"
 
 
 def _counts(model: Any) -> dict[str, int]:

@@ -38,6 +38,22 @@ _GRID = re.compile(r"^\((\d+)x(\d+)\)(?:,\.\.\.,\((\d+)x(\d+)\))?$")
 _ASPECT = re.compile(r"^(square|anyres|anyres_max_(\d+))$")
 
 
+def part_of(name: str) -> str:
+    """Which of TRAINABLE_PARTS a parameter of LlavaOnevisionForConditionalGeneration belongs to, by its
+    name (LLaVA-NeXT's mm_tunable_parts, renamed): training freezes by it, the tracker and the memory plan
+    count by it."""
+    if ".vision_tower." in f".{name}":
+        return "vision_tower"
+    if "multi_modal_projector" in name or "image_newline" in name:
+        return "projector"  # image_newline lives in the projector's output space
+    return "language_model"  # language_model.* and lm_head
+
+
+def numel(param: Any) -> int:
+    """Elements of a parameter, also under ZeRO-3, whose partitions leave shape (0,) and keep ds_numel."""
+    return getattr(param, "ds_numel", None) or param.numel()
+
+
 class RecipeError(ValueError):
     """A recipe failed to load or validate; the message names every offending field."""
 
