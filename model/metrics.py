@@ -76,6 +76,7 @@ class StageTracker:
     def __init__(self, recipe: Recipe, stage_name: str, stage: StageSpec, model: torch.nn.Module, out: str,
                  parent_run: str | None, is_main: bool, data_uri: str | None = None):
         self.recipe, self.stage_name, self.stage, self.out = recipe, stage_name, stage, out
+        self.is_main = is_main
         self.enabled = is_main and bool(os.environ.get("MLFLOW_TRACKING_URI"))
         self.parent_run, self.data_uri = parent_run, data_uri
         self.params = {part: 0 for part in ORDER}
@@ -191,6 +192,9 @@ class StageTracker:
                 tracker.step_started = time.perf_counter()
                 if tracker.enabled:  # queued: an MLflow outage does not stop training
                     tracker.writer.log_metrics({k: float(v) for k, v in row.items()}, state.global_step)
+                if tracker.is_main:  # one line per step, which `onevision run` turns into a progress bar
+                    print(f"[progress] {tracker.stage_name} step {state.global_step}/{state.max_steps} "
+                          f"loss {float(logs['loss']):.3f}", flush=True)
 
         return _Callback()
 

@@ -173,7 +173,7 @@ def make_args(recipe: Recipe, stage: StageSpec, stage_name: str, work: Path) -> 
 
 def make_trainer(recipe: Recipe, stage: StageSpec, stage_name: str, args: Any, model: Any, processor: Any,
                  train_set: Any, eval_set: Any, callbacks: list[Any], on_batch: Any = None) -> Any:
-    from transformers import Trainer, TrainerCallback
+    from transformers import PrinterCallback, Trainer, TrainerCallback
 
     class StopAtTheEnd(TrainerCallback):
         """transformers resumed from the checkpoint of the final step trains one step more (its loop tests
@@ -239,8 +239,12 @@ def make_trainer(recipe: Recipe, stage: StageSpec, stage_name: str, args: Any, m
         collator: Any = PackedCollator(square=square, flash_kwargs=varlen)
     else:
         collator = Collator(processor.tokenizer.pad_token_id, square=square)
-    return StageTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                        data_collator=collator, callbacks=[*callbacks, StopAtTheEnd()])
+    trainer = StageTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                           data_collator=collator, callbacks=[*callbacks, StopAtTheEnd()])
+    # with disable_tqdm the Trainer prints every step's log dict (strings); the tracker prints one
+    # `[progress]` line per step instead, and MLflow has the numbers
+    trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 # --- checkpoints (model/checkpoints.py) ----------------------------------------------------------

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from components.finish.core import curated_uris
+from pipelines.console import TaskConsole
 from onevision import stack, storage, tracking
 from onevision.recipe import load_recipe
 
@@ -91,12 +92,31 @@ def print_summary(summary: dict[str, Any]) -> None:
     reg = summary["registered"]
     print(f"   registered: {reg['name']} v{reg['version']} (aliases {', '.join(reg['aliases']) or 'none'})" if reg
           else "   registered: nothing (the gate did not pass, or the run stopped earlier)")
-    print(f"   MLflow: {summary['mlflow_url']}\n", flush=True)
+    print(f"   MLflow: {summary['mlflow_url']}", flush=True)
+    if summary.get("logs"):
+        print(f"   task logs: {summary['logs']} (and the MLflow run's logs/)", flush=True)
+    print(flush=True)
+
+
+def log_task_logs(recipe_path: str, run_id: str, logs: Path) -> str | None:
+    """Attach the task logs to the pipeline run's parent MLflow run (under logs/); returns its id."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(tracking.experiment_name(load_recipe(recipe_path)))
+    parent = tracking.find_pipeline_run(client, experiment.experiment_id, run_id) if experiment else None
+    if parent is None:
+        return None
+    client.log_artifacts(parent.info.run_id, str(logs), "logs")
+    return parent.info.run_id
 
 
 def run_local(recipe_path: str, state_dir: str | None = None, run_id: str | None = None,
-              gitops_repo: str | None = None, params: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run the whole DAG on the local stack; returns the run summary. Raises PipelineFailed."""
+              gitops_repo: str | None = None, params: dict[str, Any] | None = None,
+              verbose: bool = False) -> dict[str, Any]:
+    """Run the whole DAG on the local stack; returns the run summary. Raises PipelineFailed.
+    The console shows a line per task (pipelines/console.py; `verbose`: the raw stream too); each task's
+    full output goes to <state>/runs/<run id>/logs/ and to the parent MLflow run's artifacts."""
     from kfp import local
 
     from pipelines.onevision import build_pipeline
@@ -113,8 +133,10 @@ def run_local(recipe_path: str, state_dir: str | None = None, run_id: str | None
     pipeline = build_pipeline(recipe, recipe_path, RUNS_ROOT, DATA_ROOT)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(state / "kfp" / run_id))
     started = time.monotonic()
+    logs = state / "runs" / run_id / "logs"
     try:
-        pipeline(run_id=run_id, gitops_repo=gitops_repo or local_gitops_repo(state), **(params or {}))
+        with TaskConsole(logs, verbose=verbose):
+            pipeline(run_id=run_id, gitops_repo=gitops_repo or local_gitops_repo(state), **(params or {}))
     except RuntimeError as err:
         gate = f"{run_uri}/evaluate/{recipe.evaluation.after_stages[-1]}/gate.json"
         reason = storage.read_bytes(gate).decode() if storage.exists(gate) else ""
@@ -122,6 +144,10 @@ def run_local(recipe_path: str, state_dir: str | None = None, run_id: str | None
                              f"resume with: onevision run --recipe {recipe_path} --run-id {run_id}") from None
     finally:
         local.config.LocalExecutionConfig.instance = None
+        try:
+            log_task_logs(recipe_path, run_id, logs)
+        except Exception as err:  # noqa: BLE001 - the logs stay on disk; the run's outcome must not change
+            print(f"task logs not attached to MLflow ({type(err).__name__}: {err}); they are in {logs}")
     summary = run_summary(recipe_path, run_uri, run_id, info.mlflow_uri)
-    summary["wall_s"] = time.monotonic() - started
+    summary["wall_s"], summary["logs"] = time.monotonic() - started, str(logs)
     return summary

@@ -43,6 +43,12 @@ def run_cli(local_stack, gitops: Path, run_id: str = RUN, timeout: float = 3600)
                           timeout=timeout)
 
 
+def task_logs(local_stack, run_id: str = RUN) -> str:
+    """Every task's full output of a run, as `onevision run` keeps it (the console shows a line per task)."""
+    folder = Path(local_stack.state_dir) / "runs" / run_id / "logs"
+    return "".join(p.read_text() for p in sorted(folder.glob("*.log")))
+
+
 def curated(prefix: str = PREFIX) -> dict[str, str]:
     """{stage: the content-addressed prefix of its curated data}, as the run's preflight pinned them."""
     plan = json.loads(storage.read_bytes(f"{prefix}/recipe/data.json"))
@@ -89,7 +95,7 @@ def flow(local_stack, gitops: Path, tmp_path_factory: pytest.TempPathFactory) ->
     done = run_cli(local_stack, gitops)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     print(done.stdout[-2500:])
-    return {"before_kill": before_kill, "resumed": done}
+    return {"before_kill": before_kill, "resumed": done, "logs": task_logs(local_stack)}
 
 
 def test_every_step_published_its_outputs(flow) -> None:
@@ -114,7 +120,7 @@ def test_every_step_published_its_outputs(flow) -> None:
 def test_the_interrupted_run_resumed_without_redoing_finished_steps(flow) -> None:
     after = {uri: storage.manifest_hash(uri) for uri in flow["before_kill"]}
     assert after == flow["before_kill"]  # republishing would have rewritten them
-    assert "stage2_si: resuming from" in flow["resumed"].stdout + flow["resumed"].stderr
+    assert "stage2_si: resuming from" in flow["logs"]
     client = MlflowClient()
     experiment = client.get_experiment_by_name("onevision-tiny")
     runs = client.search_runs([experiment.experiment_id], f"tags.`{tracking.TAG_PIPELINE_RUN}` = '{RUN}'")
@@ -162,6 +168,26 @@ def test_mlflow_has_the_run_tree_and_training_metrics(flow) -> None:
         assert summary[f"wall_s/{stage}"] > 0
     assert summary["gate_passed/stage2_ov"] == 1.0 and summary["eval/stage2_ov/shapes_color/exact_match"] > 0
     assert "timeline.png" in {a.path for a in client.list_artifacts(parent)}
+
+
+def test_the_console_is_short_and_the_logs_are_kept(flow, local_stack) -> None:
+    shown = flow["resumed"].stdout.splitlines()
+    assert len(shown) <= 80, "\n".join(shown)  # was thousands: executor JSON, a dict per training step
+    started = [line[2:] for line in shown if line.startswith("> ")]
+    assert {"preflight", "train-stage", "evaluate-2", "register-model", "finish-pipeline-run"} <= set(started)
+    for task in started:  # every task that started says how it ended, on one line
+        assert any(line.startswith(f"  {task} ") and " ok " in line for line in shown), task
+    assert any(line.startswith("  evaluate-2 ") and line.endswith("gate passed") for line in shown)
+    assert any(line.startswith("  train-stage-4 ") and "held-out loss" in line for line in shown)
+    assert not any(line.lstrip().startswith(("{'loss'", "{\"", "executor_input")) for line in shown)
+    assert "registered:" in flow["resumed"].stdout and "task logs:" in flow["resumed"].stdout
+    logs = sorted((Path(local_stack.state_dir) / "runs" / RUN / "logs").glob("*-train-stage-3.log"))
+    assert logs and "[progress] stage2_si step" in logs[-1].read_text()
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("onevision-tiny")
+    parent = tracking.find_pipeline_run(client, experiment.experiment_id, RUN)
+    attached = {a.path for a in client.list_artifacts(parent.info.run_id, "logs")}
+    assert any(path.endswith("-train-stage-3.log") for path in attached), attached
 
 
 def test_the_registered_version_carries_lineage_and_was_deployed(flow, gitops: Path) -> None:
@@ -219,7 +245,7 @@ def test_rerunning_a_finished_run_redoes_nothing(flow, local_stack, gitops: Path
     data_created = {uri: storage.read_manifest(uri)["created"] for uri in curated().values()}
     again = run_cli(local_stack, gitops, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    output = again.stdout + again.stderr
+    output = task_logs(local_stack)
     for stage in STAGES:
         assert f"[train] {stage}: already published" in output
     # preflight opens one nested run per attempt; a training or evaluation redone would add its own
@@ -258,7 +284,7 @@ def test_a_failed_gate_stops_the_dag_before_register_and_deploy(flow, local_stac
         client.delete_model_version(name, champion.version)
     assert failed.returncode == 1, failed.stdout[-2000:] + failed.stderr[-3000:]
     assert "stop-on-failed-gate" in failed.stderr and "champion" in failed.stderr
-    assert "evaluation gate failed after stage2_ov" in failed.stdout + failed.stderr
+    assert "evaluation gate failed after stage2_ov" in failed.stdout + failed.stderr  # the failed task's tail
     gate = json.loads(storage.read_bytes(f"{prefix}/evaluate/stage2_ov/gate.json"))
     assert gate["passed"] is False and any("champion" in r for r in gate["reasons"])
     assert not storage.exists(f"{prefix}/export/_MANIFEST.json")
