@@ -10,8 +10,12 @@
     openai.OpenAI(base_url="http://127.0.0.1:8080/openai/v1", api_key="secret").chat.completions.create(...)
 
 Routes: KServe's own (`/`, `/metrics` Prometheus with the engine's `onevision_engine_*` counters, `/v1/models/<name>:predict`, `/v2/health/{live,ready}`,
-`/v2/models/<name>/infer`, ...) plus `POST /openai/v1/chat/completions` (JSON or `stream: true` SSE).
-KServe's OpenAI routes need vllm, so that route is our own FastAPI route on KServe's app. Every door
+`/v2/models/<name>/infer`, ...) plus `POST /openai/v1/chat/completions` (JSON or `stream: true` SSE) and
+`GET /openai/v1/models[/<name>]` (OpenAI's model list and model objects). KServe 0.21's OpenAI routes and
+their data models (`kserve.protocol.rest.openai.types`, whose `Model`/`ModelList` come from vllm) import
+vllm and register only for its `OpenAIModel`s, so these are our own FastAPI routes on KServe's app, in the
+same shapes as KServe's `models` endpoint. A body over `Limits.max_body_bytes` is refused with 413 before
+it is parsed (serving.auth.BodyCap). Every door
 parses through serving.requests and queues on the same Engine, so a greedy answer is the same whichever
 door asked (tested). A bad request is a 4xx naming the problem (RequestError's status) and never
 reaches the model. With a token (`ONEVISION_SERVING_TOKEN` or `token=`) every route except liveness,
@@ -43,7 +47,7 @@ from kserve.protocol.infer_type import (
     InferResponse,
 )
 
-from serving.auth import TOKEN_ENV, BearerAuth
+from serving.auth import TOKEN_ENV, BearerAuth, BodyCap
 from serving.engine import Completion, Engine
 from serving.requests import CallBudget, Limits, RequestError, parse_chat_request
 
@@ -60,12 +64,14 @@ class OneVisionModel(kserve.Model):
         # Not `self.engine`: KServe reads a truthy `engine` attribute as "start my own engine server".
         self.onevision = engine
         self._model_uri, self._engine_kwargs = model_uri, engine_kwargs
+        self.created = int(time.time())  # the OpenAI model object's `created`: when this server loaded it
 
     def load(self) -> bool:
         if self.onevision is None:
             if self._model_uri is None:
                 raise ValueError("OneVisionModel needs an engine or a model_uri")
             self.onevision = Engine.load(self._model_uri, name=self.name, **self._engine_kwargs)
+        self.created = int(time.time())
         self.ready = True
         return self.ready
 
@@ -195,8 +201,23 @@ def _openai_error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
 
 
+OWNED_BY = "onevision-platform"  # the OpenAI model object's `owned_by`
+
+
 def add_openai_route(app: FastAPI, model: OneVisionModel) -> None:
-    """POST /openai/v1/chat/completions on `app`, answered by `model`'s engine."""
+    """POST /openai/v1/chat/completions on `app`, answered by `model`'s engine, and GET /openai/v1/models
+    (the list an OpenAI client reads to find the served model) and /openai/v1/models/<name>."""
+
+    def card() -> dict[str, Any]:
+        return {"id": model.name, "object": "model", "created": model.created, "owned_by": OWNED_BY}
+
+    async def list_models() -> JSONResponse:
+        return JSONResponse({"object": "list", "data": [card()]})
+
+    async def retrieve_model(name: str) -> JSONResponse:
+        if name != model.name:
+            return _openai_error(404, f"model {name!r} not found; this server serves {model.name!r}")
+        return JSONResponse(card())
 
     async def chat_completions(request: Request) -> Response:
         try:
@@ -221,6 +242,8 @@ def add_openai_route(app: FastAPI, model: OneVisionModel) -> None:
         })
 
     app.add_api_route("/openai/v1/chat/completions", chat_completions, methods=["POST"], response_model=None)
+    app.add_api_route("/openai/v1/models", list_models, methods=["GET"], response_model=None)
+    app.add_api_route("/openai/v1/models/{name:path}", retrieve_model, methods=["GET"], response_model=None)
 
 
 async def _stream_response(model: OneVisionModel, generation: Any) -> Response:
@@ -247,8 +270,10 @@ async def _stream_response(model: OneVisionModel, generation: Any) -> Response:
             yield event({"role": "assistant", "content": ""})
             async for piece in _chain(first, pieces):
                 yield event({"content": piece})
-            completion = pieces.completion
-            yield event({}, completion.finish_reason if completion else "stop")
+            completion = pieces.completion  # the engine's own reason: "length" at max_tokens, else "stop"
+            if completion is None:  # only a row cancelled here (its client went away) ends unfinished
+                return
+            yield event({}, completion.finish_reason)
             yield "data: [DONE]\n\n"
         finally:  # also on a disconnect (Starlette cancels this task): the row leaves the batch
             pieces.cancel()
@@ -302,7 +327,8 @@ async def _request_error_handler(_: Request, err: Exception) -> JSONResponse:
 
 
 def install(app: FastAPI, model: OneVisionModel, token: str | None = None) -> None:
-    """Our additions to KServe's app: the OpenAI route, RequestError -> its status, optional auth."""
+    """Our additions to KServe's app: the OpenAI routes, RequestError -> its status, the body cap
+    (the model's `limits.max_body_bytes`), optional auth."""
     add_openai_route(app, model)
     from prometheus_client import REGISTRY
 
@@ -310,7 +336,8 @@ def install(app: FastAPI, model: OneVisionModel, token: str | None = None) -> No
         REGISTRY.register(_METRICS)
     _METRICS.model = model
     app.add_exception_handler(RequestError, _request_error_handler)
-    if token:
+    app.add_middleware(BodyCap, max_bytes=model.limits.max_body_bytes)
+    if token:  # added last, so it runs first: no token, no body read
         app.add_middleware(BearerAuth, token=token)
 
 
@@ -377,6 +404,8 @@ def main(argv: list[str] | None = None) -> None:
     defaults = Limits()
     parser.add_argument("--max-images", type=int, default=defaults.max_images)
     parser.add_argument("--max-media-bytes", type=int, default=defaults.max_media_bytes)
+    parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes,
+                        help="the whole request body (media as base64 count 4/3); 413 over it")
     parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
     parser.add_argument("--max-text-bytes", type=int, default=None, help="default: from the model's context")
     parser.add_argument("--max-request-pixels", type=int, default=None, help="default: from the AnyRes grid")
@@ -385,6 +414,7 @@ def main(argv: list[str] | None = None) -> None:
     # No --token flag: argv is visible to every user of the node; the token comes from the environment.
     args, _ = parser.parse_known_args(argv)  # tolerate KServe's own flags (e.g. --enable_docs_url)
     limits = Limits(max_images=args.max_images, max_media_bytes=args.max_media_bytes,
+                    max_body_bytes=args.max_body_bytes,
                     max_new_tokens=args.max_new_tokens, allowed_s3_buckets=tuple(args.allow_s3_bucket),
                     max_text_bytes=args.max_text_bytes, max_request_pixels=args.max_request_pixels)
     serve_kserve(args.model, args.port, host=args.host, name=args.name, max_batch_size=args.max_batch_size,

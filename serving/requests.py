@@ -4,7 +4,7 @@
     request.record, request.media                             # a LLaVA record + its media bytes
 
 Accepted: `{"model", "messages": [{"role": "system"|"user"|"assistant", "content": str | [parts]}],
-"max_tokens", "temperature", "top_p", "stop", "stream", "seed"}` where parts are `{"type": "text",
+"max_tokens", "temperature", "top_p", "stop", "stream", "seed", "n"}` (`n` 1 only: one choice) where parts are `{"type": "text",
 "text"}`, `{"type": "image_url", "image_url": {"url": ...}}` and `{"type": "video_url", "video_url":
 {"url": ...}}`. Media URLs: `data:<mime>;base64,...` (or bare base64), or `s3://bucket/key` only for a
 bucket in the allow-list. Nothing else is fetched: http(s), file and any other scheme are refused.
@@ -30,6 +30,12 @@ from serving.budgets import BYTES_PER_TOKEN, DEFAULTS
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?:;[\w-]+=[\w.-]+)*;base64,(?P<data>.*)$", re.DOTALL)
 ROLES = {"system": "system", "user": "human", "assistant": "gpt"}
 RESERVED_TEXT = chat.SPECIAL_TOKENS
+# The whole HTTP body of one call, refused (413) from its Content-Length, or while it arrives, before it is
+# parsed. Media travel base64 inside the body (4/3 of their bytes), so this caps what one call can make the
+# server hold: 50 MiB is OpenAI's own payload limit (what clients already fit), one image or video at the
+# default 20 MiB media cap (26.7 MiB as base64) plus text, and about 200 MB for body, parsed copy and decoded
+# media of a call at once. Raise it (`--max-body-bytes`) together with `--max-media-bytes`.
+MAX_BODY_BYTES = 50 << 20
 
 
 class RequestError(ValueError):
@@ -55,6 +61,7 @@ class Limits:
     max_messages: int | None = None
     max_request_pixels: int | None = None  # all images of one body, from their headers
     max_call_pixels: int | None = None  # all bodies of one HTTP call (v1 instances, v2/Triton rows)
+    max_body_bytes: int = MAX_BODY_BYTES  # the whole HTTP body of one call (KServe door)
 
     def budget(self, name: str) -> int:
         value = getattr(self, name)
@@ -248,6 +255,9 @@ def _sampling(body: dict[str, Any], limits: Limits) -> dict[str, Any]:
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
         raise RequestError(400, "stop must be a string or a list of at most 4 strings")
+    n = body.get("n")
+    if n is not None and (type(n) is not int or n != 1):  # several choices per request are not implemented
+        raise RequestError(400, f"n must be 1 (one choice per request), got {n!r}; send n separate requests")
     seed = body.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise RequestError(400, "seed must be an integer")

@@ -2,7 +2,9 @@
 
 One server (token set, small media limits) serves every test: the official openai client (plain,
 streaming, with an image), KServe's own InferenceRESTClient (v1, v2), bad inputs that must be 4xx and
-leave the server healthy, bearer auth, and a bounded load test (8 clients x 10 s, zero 5xx).
+leave the server healthy, bearer auth, a bounded load test (8 clients x 10 s, zero 5xx), and the
+OpenAI conventions clients rely on (issue 17, point 5): the model list, `n`, exact streamed
+`finish_reason`, seeded streams, the body cap.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 NAME = "onevision"
 MAX_MEDIA_BYTES = 64 << 10  # the server's limits for this test (small, so over-size payloads stay small)
 MAX_IMAGES = 2
+MAX_BODY_BYTES = 512 << 10  # small, so the over-cap bodies stay small; every other test's body fits
 
 
 @dataclass
@@ -103,7 +106,8 @@ def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     port = free_port_block(1)
     log = tmp_path_factory.mktemp("kserve") / "server.log"
     cmd = [sys.executable, "-m", "serving.kserve_server", "--model", str(model_dir), "--port", str(port),
-           "--max-images", str(MAX_IMAGES), "--max-media-bytes", str(MAX_MEDIA_BYTES), "--max-new-tokens", "64"]
+           "--max-images", str(MAX_IMAGES), "--max-media-bytes", str(MAX_MEDIA_BYTES), "--max-new-tokens", "64",
+           "--max-body-bytes", str(MAX_BODY_BYTES)]
     url = f"http://127.0.0.1:{port}"
     with running(cmd, url, log, env={"ONEVISION_SERVING_TOKEN": TOKEN}) as proc:
         yield Server(url, proc.pid, log)
@@ -338,4 +342,97 @@ def test_bounded_load(server: Server) -> None:
           f"statuses {statuses}")
     assert not {s for s in statuses if s >= 500}, statuses
     assert statuses.get(200, 0) > 0
+    _healthy(server)
+
+
+# ---- OpenAI conventions (issue 17, point 5), through the official client ---------------------------------
+def _openai(server: Server) -> Any:
+    import openai
+
+    return openai.OpenAI(base_url=f"{server.url}/openai/v1", api_key=TOKEN, max_retries=0, timeout=60)
+
+
+def test_openai_model_list(server: Server) -> None:
+    import openai
+
+    client = _openai(server)
+    (card,) = client.models.list().data
+    assert (card.id, card.object, card.owned_by) == (NAME, "model", "onevision-platform")
+    assert 0 <= time.time() - card.created < 3600
+    assert client.models.retrieve(NAME) == card
+    with pytest.raises(openai.NotFoundError, match="'gpt-4o' not found"):
+        client.models.retrieve("gpt-4o")
+    listed = httpx.get(f"{server.url}/openai/v1/models", headers=AUTH, timeout=10).json()
+    assert listed["object"] == "list" and [m["id"] for m in listed["data"]] == [NAME]
+    assert httpx.get(f"{server.url}/openai/v1/models", timeout=10).status_code == 401  # metadata needs the token
+
+
+def test_openai_n_other_than_1_is_refused(server: Server) -> None:
+    import openai
+
+    client, messages = _openai(server), _chat_body()["messages"]
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError, match="n must be 1"):
+            client.chat.completions.create(model=NAME, messages=messages, max_tokens=4, n=5, stream=stream)
+    assert len(client.chat.completions.create(model=NAME, messages=messages, max_tokens=4, n=1).choices) == 1
+
+
+def _streamed(client: Any, **kwargs: Any) -> tuple[str, str | None]:
+    """The text and the last chunk's finish_reason of a streamed chat completion."""
+    chunks = list(client.chat.completions.create(model=NAME, messages=_chat_body()["messages"], stream=True,
+                                                 **kwargs))
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+    return "".join(c.choices[0].delta.content or "" for c in chunks), chunks[-1].choices[0].finish_reason
+
+
+def test_openai_stream_finish_reason_is_exact(server: Server) -> None:
+    client, messages = _openai(server), _chat_body()["messages"]
+    plain = client.chat.completions.create(model=NAME, messages=messages, temperature=0, max_tokens=12)
+    # the random model practically never emits <|im_end|>: its answer runs to max_tokens
+    assert plain.choices[0].finish_reason == "length" and plain.usage.completion_tokens == 12
+    answer = plain.choices[0].message.content
+    assert _streamed(client, temperature=0, max_tokens=12) == (answer, "length")
+    # a stop string inside that answer: both answers are cut there and say "stop"
+    middle = len(answer) // 2
+    start = next(i for i in range(middle, len(answer) - 1) if not answer[i:i + 2].isspace() and
+                 " " not in answer[i:i + 2])
+    stop = answer[start:start + 2]
+    cut = client.chat.completions.create(model=NAME, messages=messages, temperature=0, max_tokens=12, stop=stop)
+    assert cut.choices[0].finish_reason == "stop" and cut.choices[0].message.content == answer.split(stop)[0].strip()
+    assert _streamed(client, temperature=0, max_tokens=12, stop=stop) == (cut.choices[0].message.content, "stop")
+
+
+def test_openai_seed_is_honoured_when_streaming(server: Server) -> None:
+    client, messages = _openai(server), _chat_body()["messages"]
+    sampling = {"temperature": 1.0, "top_p": 0.95, "max_tokens": 16}
+    first, _ = _streamed(client, seed=1234, **sampling)
+    assert first and _streamed(client, seed=1234, **sampling)[0] == first
+    plain = client.chat.completions.create(model=NAME, messages=messages, seed=1234, **sampling)
+    assert plain.choices[0].message.content == first  # streamed or not, the same seed samples the same text
+    assert _streamed(client, seed=4321, **sampling)[0] != first
+
+
+def test_body_cap(server: Server) -> None:
+    import openai
+
+    url, headers = f"{server.url}/openai/v1/chat/completions", {**AUTH, "Content-Type": "application/json"}
+    body = json.dumps(_chat_body(max_tokens=4)).encode()
+    exact = body + b" " * (MAX_BODY_BYTES - len(body))  # JSON allows the padding: at the cap is accepted
+    assert httpx.post(url, content=exact, headers=headers, timeout=60).status_code == 200
+    over = httpx.post(url, content=exact + b" ", headers=headers, timeout=60)
+    assert over.status_code == 413 and f"cap of {MAX_BODY_BYTES} bytes" in _message(over)
+
+    def chunked(extra: bytes) -> Iterator[bytes]:  # no Content-Length: counted as it arrives
+        yield from (exact[i:i + 65536] for i in range(0, len(exact), 65536))
+        yield extra
+
+    assert httpx.post(url, content=chunked(b""), headers=headers, timeout=60).status_code == 200
+    refused = httpx.post(url, content=chunked(b" "), headers=headers, timeout=60)
+    assert refused.status_code == 413 and "so far" in _message(refused)
+    # the official client: an image whose base64 alone is over the cap
+    big = base64.b64encode(os.urandom(MAX_BODY_BYTES)).decode()
+    with pytest.raises(openai.APIStatusError, match="max_body_bytes") as err:
+        _openai(server).chat.completions.create(model=NAME, max_tokens=4, messages=[{"role": "user", "content": [
+            _image(f"data:image/png;base64,{big}"), {"type": "text", "text": QUESTION}]}])
+    assert err.value.status_code == 413
     _healthy(server)

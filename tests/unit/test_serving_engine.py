@@ -109,6 +109,24 @@ def test_stop_strings_and_limits(engine: Engine) -> None:
     assert asyncio.run(streamed()) == cut.text  # no piece of the stop string reaches a stream
 
 
+def test_a_streams_finish_reason_is_the_engines(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """"length" at max_tokens; "stop" on <|im_end|>, here a token of the greedy answer made the end token
+    (the random model practically never emits <|im_end|> itself)."""
+    request = parse_chat_request(chat("Finish?", max_tokens=6), engine.limits)
+
+    async def streamed():
+        stream = engine.stream(request)
+        text = "".join([piece async for piece in stream])
+        return text, stream.completion, list(stream._row.ids)
+
+    text, completion, ids = asyncio.run(streamed())
+    assert (completion.text, completion.finish_reason, completion.completion_tokens) == (text, "length", 6)
+    k = next((i for i in range(1, len(ids)) if ids[i] not in ids[:i]), 0)  # its first occurrence ends the answer
+    monkeypatch.setattr(engine, "end_id", ids[k])
+    _, completion, _ = asyncio.run(streamed())
+    assert (completion.finish_reason, completion.completion_tokens) == ("stop", k)
+
+
 def test_over_long_prompt_is_400_before_queueing(engine: Engine) -> None:
     body = chat("word " * 1500)  # within the text budget (1024 tokens x 16 bytes), over the context
     with pytest.raises(RequestError) as err:

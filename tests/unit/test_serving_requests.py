@@ -228,6 +228,9 @@ def test_too_many_videos(media_dir: Path) -> None:
     ({"seed": 1.5}, ["seed"]),
     ({"seed": "7"}, ["seed"]),
     ({"seed": False}, ["seed"]),
+    ({"n": 5}, ["n must be 1", "5"]),  # one choice per request: n > 1 is refused, not silently one choice
+    ({"n": 0}, ["n must be 1"]),
+    ({"n": True}, ["n must be 1"]),
 ])
 def test_bad_sampling(extra: dict[str, Any], words: list[str]) -> None:
     _refused(_user({"type": "text", "text": "x"}, **extra), 400, *words)
@@ -235,7 +238,7 @@ def test_bad_sampling(extra: dict[str, Any], words: list[str]) -> None:
 
 def test_null_sampling_fields_mean_defaults() -> None:  # the openai client may send explicit nulls
     request = parse_chat_request(_user({"type": "text", "text": "x"}, max_tokens=None, temperature=None,
-                                       top_p=None, stop=None, seed=None), LIMITS)
+                                       top_p=None, stop=None, seed=None, n=None), LIMITS)
     sampling = (request.max_new_tokens, request.temperature, request.top_p, request.stop, request.seed)
     assert sampling == (64, 0.0, 1.0, [], None)
 
