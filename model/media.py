@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,10 @@ from PIL import Image, ImageOps
 
 MAX_IMAGE_PIXELS = 64_000_000  # ~8000x8000: larger is a decompression bomb or a mistake, not training data
 MAX_VIDEO_BYTES = 2 << 30
-MAX_VIDEO_DECODED_PIXELS = 1 << 34  # ~17 G pixels: 1080p x 8,000 frames (4.5 min at 30 fps) decoded to sample
+# Pixels decoded to sample one video (frames actually decoded x their size; with seeking that is about
+# num_frames GOPs, not the clip): ~17 G pixels = 1080p x 8,000 frames. Bounds the CPU a hostile file can cost.
+MAX_VIDEO_DECODED_PIXELS = 1 << 34
+MAX_VIDEO_FRAMES = 1 << 22  # packets indexed for seeking (~39 h at 30 fps); a longer stream is streamed instead
 
 
 class MediaError(ValueError):
@@ -121,26 +125,139 @@ def uniform_indices(total: int, num_frames: int) -> np.ndarray:
     return np.linspace(0, total - 1, num_frames).round().astype(int)
 
 
-def _video_frames(source: str | bytes) -> tuple[int, int, int]:
-    """(frames, width, height) of the first video stream from its header, without decoding a frame;
-    frames are counted by demuxing packets when the header does not say (GIF, some WebM)."""
+def _open(source: str | bytes):
     import av
 
-    with av.open(io.BytesIO(source) if isinstance(source, bytes) else source) as container:
+    return av.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+
+
+@dataclass
+class _Probe:
+    """What the header and one demux pass (no decoding) say about the first video stream."""
+
+    header_frames: int  # the header's frame count, 0 when it does not say (GIF, some WebM)
+    packets: int  # frames in the stream, counted by demuxing
+    width: int
+    height: int
+    pts: np.ndarray | None  # per packet in decode order; None when a frame cannot be addressed by time
+    dts: np.ndarray | None  # per packet in decode order (its pts when it has none)
+    keyframe: np.ndarray | None  # per packet in decode order
+
+    @property
+    def total(self) -> int:
+        """Frames to sample from: the header's count, or what is there when the header counts more (or none)."""
+        return min(self.header_frames, self.packets) if self.header_frames else self.packets
+
+
+def _probe(source: str | bytes) -> _Probe:
+    """Header, then the timestamps and keyframe flags of every packet (demuxed, not decoded: cheap)."""
+    pts: list[int] = []
+    dts: list[int] = []
+    keyframe: list[bool] = []
+    addressable, packets = True, 0
+    with _open(source) as container:
         stream = container.streams.video[0]  # IndexError: no video stream
         width, height = stream.codec_context.width, stream.codec_context.height
-        frames = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
-    return frames, width, height
+        for packet in container.demux(stream):
+            if not packet.size:
+                continue  # the demuxer's end-of-stream packet
+            packets += 1
+            if not addressable:
+                continue
+            if packet.pts is None or packet.is_discard or packets > MAX_VIDEO_FRAMES:
+                addressable = False  # the decoder may drop it, or there is no time to seek to: stream instead
+                continue
+            pts.append(packet.pts)
+            dts.append(packet.pts if packet.dts is None else packet.dts)
+            keyframe.append(packet.is_keyframe)
+        header_frames = stream.frames
+    index = np.asarray(pts, np.int64)
+    if not addressable or not packets or len(np.unique(index)) != len(index):
+        return _Probe(header_frames, packets, width, height, None, None, None)
+    return _Probe(header_frames, packets, width, height, index, np.asarray(dts, np.int64), np.asarray(keyframe, bool))
 
 
-def _decode_frames(source: str | bytes, wanted: np.ndarray, path: str, max_decoded_pixels: int
-                   ) -> tuple[dict[int, np.ndarray], int]:
-    """({index: frame} for the indices in `wanted`, frames decoded); stops after the last wanted one."""
-    import av
+@dataclass
+class _Segment:
+    """Seek to the keyframe at `key_pts` (demuxers that index by dts: `key_dts`), then decode forward to the last
+    of `targets` ({pts: frame index})."""
 
+    key_pts: int
+    key_dts: int
+    targets: dict[int, int]
+    first: int  # decode-order position of the keyframe
+    last: int  # decode-order position of the last target's packet
+
+
+def _seek_plan(probe: _Probe, wanted: np.ndarray) -> tuple[list[_Segment], int] | None:
+    """(segments, frames they decode) to reach the `wanted` frames by seeking, or None when streaming from the
+    start decodes no more (one GOP, frames all near the start) or the stream cannot be addressed by time.
+
+    Frame i in decode output order is the packet with the i-th smallest pts. Each wanted frame is decoded from
+    the last keyframe before it (in decode order) whose pts is not after it: an open GOP's leading frames
+    come from the keyframe before. Wanted frames whose keyframe is reached anyway share one segment."""
+    if probe.pts is None or probe.dts is None or probe.keyframe is None or not probe.keyframe.any():
+        return None
+    order = np.argsort(probe.pts, kind="stable")  # presentation index -> decode-order position
+    keys = np.flatnonzero(probe.keyframe)
+    segments: list[_Segment] = []
+    for index in np.unique(wanted):
+        position = int(order[index])
+        target_pts = int(probe.pts[position])
+        candidates = keys[(keys <= position) & (probe.pts[keys] <= target_pts)]
+        if not len(candidates):
+            return None  # no keyframe to start from before it: only streaming from the start reaches it
+        key = int(candidates[-1])
+        if segments and key <= segments[-1].last:  # decoding the previous segment on reaches it
+            segments[-1].targets[target_pts] = int(index)
+            segments[-1].last = max(segments[-1].last, position)
+        else:
+            segments.append(_Segment(int(probe.pts[key]), int(probe.dts[key]), {target_pts: int(index)}, key, position))
+    planned = sum(segment.last - segment.first + 1 for segment in segments)
+    return (segments, planned) if planned < int(wanted.max()) + 1 else None
+
+
+def _decode_seeking(source: str | bytes, segments: list[_Segment], path: str, max_decoded_pixels: int
+                    ) -> tuple[dict[int, np.ndarray] | None, int]:
+    """({index: frame}, pixels decoded) by seeking to each segment's keyframe and decoding forward; None for the
+    frames when what is decoded does not match the index (a frame not where its timestamp says, a seek that
+    lands after it): the caller then streams, and the frames are today's either way. The first frame after a seek
+    must be the keyframe or before it; a seek by the keyframe's pts that lands after it (a demuxer that indexes
+    by dts, e.g. AVI) is retried once by its dts."""
     kept: dict[int, np.ndarray] = {}
-    targets, decoded, pixels = set(wanted.tolist()), 0, 0
-    with av.open(io.BytesIO(source) if isinstance(source, bytes) else source) as container:
+    pixels = decoded = 0
+    with _open(source) as container:
+        stream = container.streams.video[0]
+        for segment in segments:
+            for offset in dict.fromkeys((segment.key_pts, segment.key_dts)):
+                container.seek(offset, stream=stream, backward=True, any_frame=False)
+                targets, last, first = dict(segment.targets), max(segment.targets), True
+                for frame in container.decode(stream):
+                    if first and (frame.pts is None or frame.pts > segment.key_pts):
+                        break  # landed after the keyframe (or on a frame without one): its frames may be wrong
+                    first = False
+                    decoded += 1
+                    pixels += frame.width * frame.height
+                    if frame.width * frame.height > MAX_IMAGE_PIXELS or pixels > max_decoded_pixels:
+                        raise MediaError(f"{path}: decoding passed {max_decoded_pixels} pixels at frame {decoded}")
+                    if frame.pts in targets:
+                        kept[targets.pop(frame.pts)] = frame.to_ndarray(format="rgb24")
+                    if not targets or frame.pts is None or frame.pts > last:
+                        break
+                if not targets:
+                    break
+            if targets:
+                return None, pixels
+    return kept, pixels
+
+
+def _decode_frames(source: str | bytes, wanted: np.ndarray, path: str, max_decoded_pixels: int, spent: int = 0
+                   ) -> tuple[dict[int, np.ndarray], int]:
+    """({index: frame} for the indices in `wanted`, frames decoded), streaming from the first frame; stops after
+    the last wanted one. `spent`: pixels already decoded for this video (counted in the budget)."""
+    kept: dict[int, np.ndarray] = {}
+    targets, decoded, pixels = set(wanted.tolist()), 0, spent
+    with _open(source) as container:
         for decoded, frame in enumerate(container.decode(video=0), start=1):
             pixels += frame.width * frame.height  # the header may lie: the budget holds for what is decoded
             if frame.width * frame.height > MAX_IMAGE_PIXELS or pixels > max_decoded_pixels:
@@ -156,10 +273,14 @@ def load_video(path: str | os.PathLike[str], num_frames: int, data: bytes | None
                max_decoded_pixels: int = MAX_VIDEO_DECODED_PIXELS) -> np.ndarray:
     """Decode and uniformly sample exactly `num_frames` RGB frames: (T, H, W, 3) uint8.
 
-    With `data`, decode those bytes (a shard member) and use `path` only in messages. The frame count
-    and size come from the header first: frames over MAX_IMAGE_PIXELS, or more than `max_decoded_pixels`
-    pixels to decode in all, are refused before decoding. Only the sampled frames are kept, so memory is
-    `num_frames` frames however long the video.
+    With `data`, decode those bytes (a shard member) and use `path` only in messages. One demux pass (no
+    decoding) reads every packet's timestamp and keyframe flag; each sampled frame is then decoded by seeking
+    to the keyframe before it and decoding forward, so the work is about `num_frames` GOPs however long the
+    video. A container that cannot be addressed by time (no timestamps, duplicates, discarded packets, or
+    decoded frames that do not match them) is streamed from the start instead, keeping only the sampled
+    frames; the frames are the same either way. Frames over MAX_IMAGE_PIXELS, or a plan that would decode
+    more than `max_decoded_pixels` pixels, are refused before decoding, and the budget also holds for what is
+    actually decoded. Memory is `num_frames` frames plus the decoder's, however long the video.
     """
     import av
 
@@ -172,22 +293,43 @@ def load_video(path: str | os.PathLike[str], num_frames: int, data: bytes | None
         raise MediaError(f"{path}: larger than {MAX_VIDEO_BYTES} bytes")
     source = data if data is not None else str(path)
     try:
-        total, width, height = _video_frames(source)
+        probe = _probe(source)
+        width, height = probe.width, probe.height
         if width * height > MAX_IMAGE_PIXELS:
             raise MediaError(f"{path}: {width}x{height} frames exceed {MAX_IMAGE_PIXELS} pixels")
-        if total * width * height > max_decoded_pixels:
-            raise MediaError(f"{path}: {total} frames of {width}x{height} exceed {max_decoded_pixels} pixels "
+        total = max(probe.total, 1)  # a stream that counts none: decode what is there
+        wanted = uniform_indices(total, num_frames)
+        plan = _seek_plan(probe, wanted)
+        planned = plan[1] if plan else int(wanted[-1]) + 1
+        if planned * width * height > max_decoded_pixels:
+            raise MediaError(f"{path}: {planned} frames of {width}x{height} exceed {max_decoded_pixels} pixels "
                              "to decode")
-        total = max(total, 1)  # a header that counts none: decode what is there
-        kept, decoded = _decode_frames(source, uniform_indices(total, num_frames), str(path),
-                                       max_decoded_pixels)
-        if decoded and decoded < total:  # the header counted frames that are not there: sample what is
-            total = decoded
-            kept, decoded = _decode_frames(source, uniform_indices(total, num_frames), str(path), max_decoded_pixels)
+        kept, spent = _decode_seeking(source, plan[0], str(path), max_decoded_pixels) if plan else (None, 0)
+        if kept is None:
+            kept, decoded = _decode_frames(source, wanted, str(path), max_decoded_pixels, spent)
+            if decoded and decoded < total:  # fewer frames than counted: sample what is there
+                total = decoded
+                kept, decoded = _decode_frames(source, uniform_indices(total, num_frames), str(path),
+                                               max_decoded_pixels, spent)
     except (av.error.FFmpegError, ValueError, IndexError) as err:
         if isinstance(err, MediaError):
             raise
         raise MediaError(f"{path}: not a decodable video ({describe_error(err)})") from None
     if not kept:
         raise MediaError(f"{path}: video has no frames")
-    return np.stack([kept[i] for i in uniform_indices(total, num_frames)])
+    return _stack(kept, uniform_indices(total, num_frames), str(path))
+
+
+def _stack(kept: dict[int, np.ndarray], order: np.ndarray, path: str) -> np.ndarray:
+    """kept[order] as one array, each frame dropped once copied: the peak is the output plus one frame, not 2x."""
+    shape = kept[int(order[0])].shape
+    out = np.empty((len(order), *shape), np.uint8)  # pages are committed as frames are copied in
+    last_use = {int(index): k for k, index in enumerate(order)}
+    for k, index in enumerate(order.tolist()):
+        if kept[index].shape != shape:
+            raise MediaError(f"{path}: frames change size ({shape[1]}x{shape[0]}, then "
+                             f"{kept[index].shape[1]}x{kept[index].shape[0]})")
+        out[k] = kept[index]
+        if last_use[index] == k:
+            del kept[index]
+    return out

@@ -83,12 +83,13 @@ def test_video_uniform_sampling(media_dir) -> None:
         media.load_video("x.mp4", 4, data=b"\x00" * 100)
 
 
-def _long_video(path, frames: int, size: tuple[int, int] = (320, 240)) -> None:
+def _long_video(path, frames: int, size: tuple[int, int] = (320, 240), gop: int = 12) -> None:
     import av
 
     container = av.open(str(path), "w")
-    stream = container.add_stream("mpeg4", rate=30)
+    stream = container.add_stream("mpeg4", rate=30, options={"sc_threshold": "1000000000"})  # keyframes every `gop`
     stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+    stream.codec_context.gop_size = gop
     for k in range(frames):
         frame = np.full((size[1], size[0], 3), k % 250, np.uint8)
         for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
@@ -110,8 +111,14 @@ def test_a_long_video_keeps_only_its_sampled_frames_and_a_huge_one_is_refused_be
     greys = [k % 250 for k in media.uniform_indices(600, 8)]  # each frame's grey level is its index mod 250
     assert all(abs(int(f[0, 0, 0]) - g) <= 3 for f, g in zip(frames, greys)), [int(f[0, 0, 0]) for f in frames]
 
-    with pytest.raises(media.MediaError, match=r"long.mp4: 600 frames of 320x240 exceed 1000000 pixels to decode"):
+    # The budget is on what would be decoded: frames 0, 86, ..., 599 sit 0, 2, 3, 5, 6, 8, 9, 11 frames into
+    # their GOPs of 12, so 8 seeks decode 52 frames, not the clip's 600 ...
+    with pytest.raises(media.MediaError, match=r"long.mp4: 52 frames of 320x240 exceed 1000000 pixels to decode"):
         media.load_video(tmp_path / "long.mp4", num_frames=8, max_decoded_pixels=1_000_000)
+    # ... while a clip that is one GOP (nothing to seek to) would be decoded whole, and is refused as such.
+    _long_video(tmp_path / "one_gop.mp4", 600, gop=600)
+    with pytest.raises(media.MediaError, match=r"one_gop.mp4: 600 frames of 320x240 exceed 5000000 pixels"):
+        media.load_video(tmp_path / "one_gop.mp4", num_frames=8, max_decoded_pixels=5_000_000)
 
 
 def test_an_animated_gif_is_sampled_like_a_video(tmp_path) -> None:
