@@ -7,7 +7,8 @@
 Images: any PIL mode (L, LA, P, RGBA, CMYK, I;16, ...) becomes RGB; transparency is composited on white
 (LLaVA data has transparent PNGs whose RGB under alpha 0 is often black noise); EXIF orientation is
 applied; an animated GIF gives its first frame. Videos are decoded with PyAV and sampled uniformly to
-exactly `num_frames` frames, so every video of a stage stacks into one tensor.
+exactly `num_frames` frames, so every video of a stage stacks into one tensor; only those frames are decoded
+(a seek to the keyframe before each), so the work is about `num_frames` GOPs however long the clip.
 """
 
 from __future__ import annotations
