@@ -97,7 +97,7 @@ def measure(model: str | None = None, limit: int = 32, batch_sizes: str = "1,4,1
     video_frames, seed = (frames[-1] if frames else 8), recipe.training.seed
     work = Path(tempfile.mkdtemp(prefix="bench-evaluation-"))
     if model:
-        from model.builder import resolve_source
+        from onevision.storage import resolve_source
 
         model_dir = resolve_source(model)
     else:

@@ -1,11 +1,9 @@
 """One package per pipeline step: a plain `run(...)` core and a thin KFP component.
 
-PROJECT_IMAGE is the one place that names the image every component, the Kubeflow Trainer TrainJob and
-the KServe predictor run on in a cluster (built from infra/images/Dockerfile, see infra/images/README.md;
-serving.manifests derives the Triton image from it). Its tag is the project version in pyproject.toml;
-YAML that must spell the image out (infra/platform) names exactly this value, and
-tests/unit/test_images.py fails on any other reference to the image in the repository. The local runner
-ignores it (kfp.local SubprocessRunner).
+Every component runs on the project image, `PROJECT_IMAGE`, named once in the kernel (onevision/__init__.py)
+and re-exported here for the components' `@dsl.component(base_image=PROJECT_IMAGE)`.
 """
 
-PROJECT_IMAGE = "ghcr.io/onevision/platform:0.1.0"
+from onevision import PROJECT_IMAGE
+
+__all__ = ["PROJECT_IMAGE"]

@@ -12,11 +12,7 @@ stage's AnyRes settings into model config and processor alike: they must agree o
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,30 +29,10 @@ from transformers import (
 )
 
 from model.chat import CHAT_TEMPLATE, ENDOFTEXT, IM_END, IMAGE_TOKEN, SPECIAL_TOKENS, VIDEO_TOKEN
-from onevision import storage
+from onevision.storage import resolve_source
 from onevision.recipe import Recipe, StageSpec
 
 SIGLIP_MEAN = SIGLIP_STD = [0.5, 0.5, 0.5]  # SigLIP normalises to [-1, 1]
-
-
-def resolve_source(source: str, cache_dir: str | os.PathLike[str] | None = None) -> str:
-    """Hub ids and local paths pass through; an s3:// prefix is downloaded once (manifest-verified)
-    into a cache keyed by its manifest, so a republished prefix is fetched again."""
-    if not storage.is_s3(source):
-        return source
-    root = Path(cache_dir or os.environ.get("ONEVISION_CACHE", Path.home() / ".cache" / "onevision"))
-    target = root / "models" / storage.parse_s3(source).key.strip("/") / storage.manifest_hash(source)[:16]
-    if not target.is_dir():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = Path(tempfile.mkdtemp(prefix=".partial-", dir=target.parent))
-        storage.get_dir(source, partial)
-        try:
-            partial.rename(target)  # complete or absent, never half there
-        except OSError:  # another process (rank) got there first
-            shutil.rmtree(partial, ignore_errors=True)
-            if not target.is_dir():
-                raise
-    return str(target)
 
 
 def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:

@@ -487,3 +487,25 @@ def get_dir(uri: str, local_dir: str | os.PathLike[str], require_manifest: bool 
         if path.stat().st_size != info["size"] or sha256_file(path) != info["sha256"]:
             raise StorageError(f"{join(uri, rel)}: size/sha256 differ from the manifest (corrupt or replaced)")
     return dst
+
+
+def resolve_source(source: str, cache_dir: str | os.PathLike[str] | None = None) -> str:
+    """A model source as a local folder: hub ids and local paths pass through; an s3:// prefix is downloaded
+    once (manifest-verified) into a cache keyed by its manifest (ONEVISION_CACHE, default
+    ~/.cache/onevision), so a republished prefix is fetched again. No torch here: a step that only copies
+    a checkpoint (export) does not pay for importing it."""
+    if not is_s3(source):
+        return source
+    root = Path(cache_dir or os.environ.get("ONEVISION_CACHE", Path.home() / ".cache" / "onevision"))
+    target = root / "models" / parse_s3(source).key.strip("/") / manifest_hash(source)[:16]
+    if not target.is_dir():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=".partial-", dir=target.parent))
+        get_dir(source, partial)
+        try:
+            partial.rename(target)  # complete or absent, never half there
+        except OSError:  # another process (rank) got there first
+            shutil.rmtree(partial, ignore_errors=True)
+            if not target.is_dir():
+                raise
+    return str(target)

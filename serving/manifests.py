@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from components import PROJECT_IMAGE
+from onevision import PROJECT_IMAGE
 from onevision.recipe import DeployTarget, Recipe, load_recipe
 from serving.sizing import CPU_MEMORY_LIMIT_GIB, GIB, MemoryEstimate, check_fits
 

@@ -37,7 +37,7 @@ def load_placed(source: str, device_map: str | None = None, dtype: torch.dtype |
     """(model, processor) of an HF folder (local or s3://), placed by `detect_placement` unless given."""
     from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor
 
-    from model.builder import resolve_source
+    from onevision.storage import resolve_source
 
     if dtype is None:
         device_map, dtype = detect_placement()

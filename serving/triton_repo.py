@@ -135,7 +135,7 @@ def build_model_repository(model_uri: str, out_dir: str | os.PathLike[str], name
     parameters: dict[str, str] = {}
     if copy_weights:
         if source is None:
-            from model.builder import resolve_source
+            from onevision.storage import resolve_source
 
             source = Path(resolve_source(model_uri))
             _check_hf_folder(source)

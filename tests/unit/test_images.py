@@ -4,7 +4,7 @@ No Docker engine runs here, so the Dockerfiles are parsed (logical lines, `\\` c
 defaults expanded) and checked: pinned base tags with the CUDA that the locked torch needs, the pinned
 stack installed with constraints.txt before the sources are copied, the project installed, a non-root
 user, no secret-looking ENV/ARG, every COPY source present and let through by .dockerignore. Then: the
-image is named only by components.PROJECT_IMAGE (and serving.manifests.TRITON_IMAGE, derived from it),
+image is named only by onevision.PROJECT_IMAGE (and serving.manifests.TRITON_IMAGE, derived from it),
 whose tag is the project version, and every file in the repository that spells an image out agrees.
 Last, what the images must provide: every executable our code starts (read from its subprocess calls) and
 every command our manifests run, against what the Dockerfile installs; and the commit build argument that
