@@ -7,7 +7,8 @@ task's full output in a log file.
 
 kfp.local prints through this process's stdout: its own log lines (a task starts, its outputs, its end,
 with ANSI colours), the executor's input and output, and each task subprocess's output, one task at a
-time. The console writes each task's lines to `<logs_dir>/<NN>-<task>.log` and shows instead:
+time. The console writes each task's lines to `<logs_dir>/attempt-<N>/<NN>-<task>.log` (N counts the
+attempts of a run: a resumed run keeps the earlier ones) and shows instead:
 - `> <task>` when it starts, and `  <task>  ok  12.3 s  <key figure>` when it ends (records kept, held-out
   loss, gate result...: read from the task's outputs as kfp.local prints them);
 - for `[progress] <what> <unit> <n>/<total> <note>` lines (the trainer prints one per optimizer step): a
@@ -65,7 +66,9 @@ class TaskConsole(io.TextIOBase):
 
     def __init__(self, logs_dir: str | Path, out: TextIO | None = None, verbose: bool = False,
                  plain_interval_s: float = 30.0) -> None:
-        self.logs_dir = Path(logs_dir)
+        # one folder per attempt: a resumed run (the same run id) keeps the killed attempt's logs beside its own
+        attempts = len(list(Path(logs_dir).glob("attempt-*")))
+        self.logs_dir = Path(logs_dir) / f"attempt-{attempts + 1}"
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         self.out = out or sys.stdout
         self.verbose, self.plain_interval_s = verbose, plain_interval_s

@@ -46,7 +46,8 @@ def run_cli(local_stack, gitops: Path, run_id: str = RUN, timeout: float = 3600)
 def task_logs(local_stack, run_id: str = RUN) -> str:
     """Every task's full output of a run, as `onevision run` keeps it (the console shows a line per task)."""
     folder = Path(local_stack.state_dir) / "runs" / run_id / "logs"
-    return "".join(p.read_text() for p in sorted(folder.glob("*.log")))
+    attempts = sorted(folder.glob("attempt-*"), key=lambda p: int(p.name.split("-")[1]))
+    return "".join(p.read_text() for p in sorted(attempts[-1].glob("*.log")))  # the latest attempt
 
 
 def curated(prefix: str = PREFIX) -> dict[str, str]:
@@ -181,12 +182,14 @@ def test_the_console_is_short_and_the_logs_are_kept(flow, local_stack) -> None:
     assert any(line.startswith("  train-stage-4 ") and "held-out loss" in line for line in shown)
     assert not any(line.lstrip().startswith(("{'loss'", "{\"", "executor_input")) for line in shown)
     assert "registered:" in flow["resumed"].stdout and "task logs:" in flow["resumed"].stdout
-    logs = sorted((Path(local_stack.state_dir) / "runs" / RUN / "logs").glob("*-train-stage-3.log"))
-    assert logs and "[progress] stage2_si step" in logs[-1].read_text()
+    folder = Path(local_stack.state_dir) / "runs" / RUN / "logs"
+    assert (folder / "attempt-1").is_dir()  # the killed attempt's logs are kept beside the resumed one's
+    resumed = sorted(folder.glob("attempt-2/*-train-stage-3.log"))
+    assert resumed and "[progress] stage2_si step" in resumed[0].read_text()
     client = MlflowClient()
     experiment = client.get_experiment_by_name("onevision-tiny")
     parent = tracking.find_pipeline_run(client, experiment.experiment_id, RUN)
-    attached = {a.path for a in client.list_artifacts(parent.info.run_id, "logs")}
+    attached = {a.path for a in client.list_artifacts(parent.info.run_id, "logs/attempt-2")}
     assert any(path.endswith("-train-stage-3.log") for path in attached), attached
 
 

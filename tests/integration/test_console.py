@@ -60,18 +60,21 @@ def test_a_line_per_task_the_logs_in_files_and_the_tail_of_a_failure(kfp_local: 
     assert len(shown) < 45  # not the ~300 lines kfp.local prints for these two tasks
     assert not any("record 17" in line or "executor_input" in line for line in shown)
     # everything is in the task's own log, colours stripped
-    curate_log = (tmp_path / "logs" / "01-chatty-curate.log").read_text()
+    assert console.logs_dir == tmp_path / "logs" / "attempt-1"
+    curate_log = (console.logs_dir / "01-chatty-curate.log").read_text()
     assert "record 199: checked" in curate_log and "\x1b[" not in curate_log
     assert "kept: 198" in curate_log
-    assert "work line 49" in (tmp_path / "logs" / "02-failing-step.log").read_text()
+    assert "work line 49" in (console.logs_dir / "02-failing-step.log").read_text()
     assert [(t["task"], t["status"]) for t in console.tasks] == [("chatty-curate", "SUCCESS"), ("failing-step", "FAILURE")]
 
 
 @pytest.mark.filterwarnings("ignore:You may be attemping to run a task:RuntimeWarning")
 def test_verbose_passes_the_raw_stream_through(kfp_local: Path, tmp_path: Path) -> None:
     out = io.StringIO()
-    with TaskConsole(tmp_path / "logs", out=out, verbose=True):
+    (tmp_path / "logs" / "attempt-1").mkdir(parents=True)  # an earlier attempt of the run: kept, not reused
+    with TaskConsole(tmp_path / "logs", out=out, verbose=True) as console:
         chatty_curate(n=20)
     raw = out.getvalue()
     assert "record 19: checked" in raw and "[progress] stage1 step 3/5" in raw
-    assert "record 19: checked" in (tmp_path / "logs" / "01-chatty-curate.log").read_text()
+    assert console.logs_dir.name == "attempt-2"
+    assert "record 19: checked" in (console.logs_dir / "01-chatty-curate.log").read_text()

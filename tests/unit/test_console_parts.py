@@ -28,4 +28,4 @@ def test_plain_progress_is_paced_and_always_shows_the_end(tmp_path: Path) -> Non
             print(f"[progress] stage2_si step {step}/100 loss 1.000")
     assert console.tasks == []
     assert out.getvalue().splitlines() == ["    stage2_si step 1/100 loss 1.000", "    stage2_si step 100/100 loss 1.000"]
-    assert "step 50/100" in (tmp_path / "00-run.log").read_text()  # all of it in the log
+    assert "step 50/100" in (console.logs_dir / "00-run.log").read_text()  # all of it in the log
