@@ -15,7 +15,9 @@ an s3:// mirror, with HF_HUB_OFFLINE=1: pods need no internet) and our offline `
 a task failed, so the results JSON is checked: every task present, its metric a number, samples > 0;
 otherwise EvaluationError names the task and quotes lmms-eval's log. The gate (absolute thresholds,
 and "at most max_regression below the registry's champion") is an output, not an exception.
-Published under `out`: results.json, samples_<task>.jsonl, comparison.md, gate.json, lmms_eval.log.
+Published under `out`: results.json, samples_<task>.jsonl, comparison.md, gate.json, lmms_eval.log, and
+the review gallery built from the logged samples (gallery.html, self-contained, and gallery.png; the
+champion's answers come from the samples its own evaluation published: its `onevision.evaluation_uri` tag).
 """
 
 from __future__ import annotations
@@ -31,12 +33,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from components.evaluate import gallery
 from components.evaluate.offline import TASKS_DIR, is_offline, write_offline_data
 from onevision import storage
 from onevision.recipe import EvalTask, Recipe, load_recipe
 
 EVAL_TAG_PREFIX = "onevision.eval."  # model-version tags: onevision.eval.<task>.<metric> = value
 CHAMPION_ALIAS = "champion"
+EVALUATION_URI_TAG = "onevision.evaluation_uri"  # model-version tag: where its evaluation (and samples) lie
 
 
 class EvaluationError(RuntimeError):
@@ -136,18 +140,53 @@ def gate(scores: dict[str, float], tasks: list[EvalTask], champion: dict[str, fl
     return {"passed": not reasons, "reasons": reasons, "scores": scores, "champion": champion}
 
 
-def champion_scores(model_name: str) -> tuple[str | None, dict[str, float] | None]:
-    """(version, {"<task>/<metric>": value}) of the registered model's champion, or (None, None)."""
+def champion_version(model_name: str) -> Any | None:
+    """The registered model's `champion` version (an MLflow ModelVersion), or None."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     try:
-        version = MlflowClient().get_model_version_by_alias(model_name, CHAMPION_ALIAS)
+        return MlflowClient().get_model_version_by_alias(model_name, CHAMPION_ALIAS)
     except MlflowException:
-        return None, None  # no such model or no champion yet: nothing to regress against
+        return None  # no such model or no champion yet: nothing to regress against
+
+
+def champion_scores(model_name: str, version: Any | None = None) -> tuple[str | None, dict[str, float] | None]:
+    """(version, {"<task>/<metric>": value}) of the registered model's champion, or (None, None)."""
+    version = version or champion_version(model_name)
+    if version is None:
+        return None, None
     scores = {k[len(EVAL_TAG_PREFIX):].replace(".", "/", 1): float(v) for k, v in version.tags.items()
               if k.startswith(EVAL_TAG_PREFIX)}
     return version.version, scores
+
+
+def champion_samples(version: Any, tasks: list[EvalTask]) -> dict[str, list[dict[str, Any]]]:
+    """The champion's lmms-eval samples per task, read from its published evaluation (tag
+    onevision.evaluation_uri, set by register); {} for a task it has none of (an older or other task)."""
+    uri = (version.tags or {}).get(EVALUATION_URI_TAG) if version is not None else None
+    found = {}
+    for task in tasks if uri else []:
+        try:
+            found[task.name] = gallery.parse_jsonl(storage.read_bytes(storage.join(uri, f"samples_{task.name}.jsonl"))
+                                                   .decode())
+        except Exception as err:  # the gallery shows "not answered"; the gate does not depend on it
+            print(f"[evaluate] champion v{version.version}: no samples for {task.name} at {uri} ({err})", flush=True)
+    return found
+
+
+def write_gallery(recipe: Recipe, stage: str, model_uri: str, folder: Path, work: Path, tasks: list[EvalTask],
+                  champion: Any | None) -> dict[str, Any]:
+    """gallery.html and gallery.png in `folder`, from the samples there (and the champion's)."""
+    docs = {}
+    for task in tasks:
+        data = work / "shapes_data" / f"{task.name}.jsonl"
+        if data.is_file():
+            docs[task.name] = gallery.parse_jsonl(data.read_text())
+    return gallery.build_gallery(
+        gallery.load_samples(folder), {t.name: t.metric for t in tasks}, folder, docs=docs,
+        title=f"{recipe.name} / {stage}: {model_uri}", champion=champion_samples(champion, tasks),
+        champion_label=f"champion v{champion.version}" if champion is not None else None)
 
 
 def comparison_table(recipe: Recipe, stage: str, scores: dict[str, float], champion: dict[str, float] | None,
@@ -179,14 +218,15 @@ def _video_frames(recipe: Recipe) -> int:
     return frames[-1] if frames else 8
 
 
-def _log_to_mlflow(stage: str, mlflow_parent: str, report: dict[str, Any], folder: Path) -> None:
+def _log_to_mlflow(stage: str, mlflow_parent: str, report: dict[str, Any], folder: Path) -> dict[str, str]:
+    """Log the step's run (metrics, every published file as an artifact); {"mlflow_run_id", "mlflow_experiment_id"}."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
     from onevision import tracking
 
     metrics = {key: value for key, value in report["scores"].items()}
-    with tracking.step_run(f"evaluate_{stage}", mlflow_parent, params={"model_uri": report["model_uri"]}):
+    with tracking.step_run(f"evaluate_{stage}", mlflow_parent, params={"model_uri": report["model_uri"]}) as own:
         mlflow.log_metrics(metrics)
         mlflow.log_metric("gate_passed", float(report["gate"]["passed"]))
         mlflow.log_artifacts(str(folder))
@@ -197,6 +237,7 @@ def _log_to_mlflow(stage: str, mlflow_parent: str, report: dict[str, Any], folde
     for run in stage_runs[:1]:  # the stage's training run gets the scores too, next to its loss curves
         for key, value in metrics.items():
             client.log_metric(run.info.run_id, f"eval/{key}", value)
+    return {"mlflow_run_id": own.info.run_id, "mlflow_experiment_id": own.info.experiment_id}
 
 
 def published_report(stage: str, model_uri: str, out_uri: str) -> dict[str, Any] | None:
@@ -210,7 +251,8 @@ def published_report(stage: str, model_uri: str, out_uri: str) -> dict[str, Any]
     verdict = json.loads(storage.read_bytes(storage.join(out_uri, "gate.json")))
     return {"stage": stage, "model_uri": model_uri, "scores": verdict["scores"], "gate": verdict, "uri": out_uri,
             "comparison_markdown": storage.read_bytes(storage.join(out_uri, "comparison.md")).decode(),
-            "champion_version": None}
+            "champion_version": None,
+            "gallery_uri": storage.join(out_uri, meta["gallery"]) if meta.get("gallery") else None}
 
 
 def run(recipe_uri: str, stage: str, model_uri: str, out_uri: str, mlflow_parent: str | None = None,
@@ -231,21 +273,25 @@ def run(recipe_uri: str, stage: str, model_uri: str, out_uri: str, mlflow_parent
         video_frames=_video_frames(recipe), batch_size=recipe.evaluation.batch_size, seed=recipe.training.seed,
         work=work, include_paths=list(include_paths))
     scores = scores_of(results, tasks)
-    champion_version, champion = champion_scores(recipe.registered_model_name) if mlflow_parent or \
-        os.environ.get("MLFLOW_TRACKING_URI") else (None, None)
+    reigning = champion_version(recipe.registered_model_name) if mlflow_parent or \
+        os.environ.get("MLFLOW_TRACKING_URI") else None
+    champion_number, champion = champion_scores(recipe.registered_model_name, reigning) if reigning else (None, None)
     verdict = gate(scores, tasks, champion)
     shutil.copy(sorted(lmms_dir.glob("*_results.json"))[-1], folder / "results.json")
     for samples in lmms_dir.glob("*_samples_*.jsonl"):
         shutil.copy(samples, folder / f"samples_{samples.stem.split('_samples_', 1)[1]}.jsonl")
     shutil.copy(work / "lmms_out" / "lmms_eval.log", folder / "lmms_eval.log")
     (folder / "gate.json").write_text(json.dumps(verdict, indent=1, sort_keys=True))
-    table = comparison_table(recipe, stage, scores, champion, champion_version, verdict)
+    table = comparison_table(recipe, stage, scores, champion, champion_number, verdict)
     (folder / "comparison.md").write_text(table)
+    shown = write_gallery(recipe, stage, model_uri, folder, work, tasks, reigning)
     report = {"stage": stage, "model_uri": model_uri, "scores": scores, "gate": verdict, "uri": out_uri,
-              "comparison_markdown": table, "champion_version": champion_version}
-    if mlflow_parent:
-        _log_to_mlflow(stage, mlflow_parent, report, folder)
-    storage.publish_dir(folder, out_uri, metadata={"model": model_uri, "gate_passed": verdict["passed"], **scores})
+              "comparison_markdown": table, "champion_version": champion_number, "gallery": shown,
+              "gallery_uri": storage.join(out_uri, gallery.GALLERY_HTML)}
+    tracked = _log_to_mlflow(stage, mlflow_parent, report, folder) if mlflow_parent else {}
+    report.update(tracked)
+    storage.publish_dir(folder, out_uri, metadata={"model": model_uri, "gate_passed": verdict["passed"], **scores,
+                                                   "gallery": gallery.GALLERY_HTML, **tracked})
     return report
 
 

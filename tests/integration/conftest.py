@@ -1,4 +1,5 @@
-"""Fixtures shared by the component tests: kfp.local, and a component compiled and checked strictly."""
+"""Fixtures shared by the component tests: kfp.local, a component compiled and checked strictly, and for the
+evaluation tests a saved tiny model and a recipe with small evaluation limits."""
 
 from __future__ import annotations
 
@@ -45,3 +46,33 @@ def compiled_component(tmp_path: Path) -> Callable[[Any], dict[str, Any]]:
         return doc
 
     return compile_and_check
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory, tiny_recipe) -> Path:
+    """recipes/tiny.yaml's model, random weights, saved as an HF folder (with its processor)."""
+    from model.builder import build_tiny
+
+    folder = tmp_path_factory.mktemp("model")
+    model, processor = build_tiny(tiny_recipe)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def eval_recipe(tmp_path: Path, registered_model: str, limit: int) -> Path:
+    """recipes/tiny.yaml with every evaluation task limited to `limit` samples and its own registered model."""
+    from onevision.recipe import dump_recipe, load_recipe
+
+    doc = yaml.safe_load(dump_recipe(load_recipe("recipes/tiny.yaml")))
+    for task in doc["evaluation"]["tasks"]:
+        task["limit"] = limit
+    doc["evaluation"]["registered_model"] = registered_model
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_eval_recipe() -> Callable[[Path, str, int], Path]:
+    return eval_recipe

@@ -19,30 +19,10 @@ from onevision.recipe import dump_recipe, load_recipe
 LIMIT = 6
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory, tiny_recipe) -> Path:
-    from model.builder import build_tiny
-
-    folder = tmp_path_factory.mktemp("model")
-    model, processor = build_tiny(tiny_recipe)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
-
-
-def small_recipe(tmp_path: Path, registered_model: str) -> Path:
-    doc = yaml.safe_load(dump_recipe(load_recipe("recipes/tiny.yaml")))
-    for task in doc["evaluation"]["tasks"]:
-        task["limit"] = LIMIT
-    doc["evaluation"]["registered_model"] = registered_model
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
-
-
-def test_offline_tasks_through_lmms_eval_gated_against_the_champion(local_stack, tmp_path: Path, tiny_model) -> None:
+def test_offline_tasks_through_lmms_eval_gated_against_the_champion(local_stack, tmp_path: Path, tiny_model,
+                                                                    small_eval_recipe) -> None:
     name = f"it-eval-{uuid.uuid4().hex[:6]}"
-    recipe_path = small_recipe(tmp_path, name)
+    recipe_path = small_eval_recipe(tmp_path, name, LIMIT)
     recipe = load_recipe(recipe_path)
     client = MlflowClient()
     client.create_registered_model(name)
@@ -67,7 +47,7 @@ def test_offline_tasks_through_lmms_eval_gated_against_the_champion(local_stack,
 
     files = storage.read_manifest(out)["files"]
     assert {"results.json", "comparison.md", "gate.json", "lmms_eval.log",
-            "samples_shapes_color.jsonl", "samples_shapes_video.jsonl"} <= set(files)
+            "samples_shapes_color.jsonl", "samples_shapes_video.jsonl", "gallery.html", "gallery.png"} <= set(files)
     results = json.loads(storage.read_bytes(f"{out}/results.json"))
     assert results["n-samples"]["shapes_video"]["effective"] == LIMIT
     samples = storage.read_bytes(f"{out}/samples_shapes_mc.jsonl").decode().splitlines()
@@ -78,7 +58,7 @@ def test_offline_tasks_through_lmms_eval_gated_against_the_champion(local_stack,
     evaluate = next(r for r in children if r.data.tags[tracking.TAG_STEP] == "evaluate_stage2_ov")
     assert evaluate.data.metrics["gate_passed"] == 0.0
     assert evaluate.data.metrics["shapes_color/exact_match"] == report["scores"]["shapes_color/exact_match"]
-    assert {"results.json", "comparison.md"} <= {a.path for a in client.list_artifacts(evaluate.info.run_id)}
+    assert {"results.json", "comparison.md", "gallery.html"} <= {a.path for a in client.list_artifacts(evaluate.info.run_id)}
     assert "eval/shapes_mc/exact_match" in client.get_run(stage_run_id).data.metrics
 
 
