@@ -86,16 +86,23 @@ def choose(samples: dict[str, list[dict[str, Any]]], n: int = SAMPLES) -> list[t
 def _text(value: Any) -> str:
     if isinstance(value, (list, tuple)):  # several references, or an older lmms-eval's [[answer]]
         return " / ".join(_text(v) for v in value)
+    if value is None:
+        return ""
     text = value if isinstance(value, str) else json.dumps(value) if isinstance(value, dict) else str(value)
     # a tiny model answers with control characters: shown as U+FFFD, never as raw bytes in the page
     return "".join("\ufffd" if unicodedata.category(c) == "Cc" and c not in "\n\t" else c for c in text)
 
 
 def answer_of(sample: dict[str, Any], metric: str) -> Answer:
+    """The answer lmms-eval logged (after its filters) and its mark from the sample's metric."""
     score = sample.get(metric)
-    number = isinstance(score, (int, float)) and not isinstance(score, bool) and score == score
-    return Answer(_text(sample.get("filtered_resps", sample.get("resps", ""))), (score >= 0.5) if number else
-                  (score if isinstance(score, bool) else None), score)
+    if isinstance(score, bool):
+        right = score
+    elif isinstance(score, (int, float)) and score == score:  # NaN is not scored
+        right = score >= 0.5
+    else:  # no per-sample number (a judge's dict, an aggregate-only metric)
+        right = None
+    return Answer(_text(sample.get("filtered_resps", sample.get("resps"))), right, score)
 
 
 def _same_doc(a: dict[str, Any], b: dict[str, Any]) -> bool:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from components.evaluate.gallery import GALLERY_HTML, GALLERY_PNG, build_gallery, choose
+from components.evaluate.gallery import GALLERY_HTML, GALLERY_PNG, answer_of, build_gallery, choose
 
 
 def _png_uri(colour: str) -> str:
@@ -84,3 +84,12 @@ def test_marks_champion_column_and_a_self_contained_page(tmp_path: Path) -> None
     # shapes_color's chosen doc ids are 0 1 3 5 7 9 10 12...: the champion answered 1 3 5 7 9 (0 is another doc)
     assert len(answered) == shown["champion_answers"] == 5
     assert page.count("not answered") == 24 - 5
+
+
+def test_a_mark_comes_from_the_samples_metric() -> None:
+    def mark(score):
+        return answer_of({"filtered_resps": ["x\x07"], "m": score}, "m")
+
+    assert [mark(s).right for s in (1.0, 0.0, 0.75, 0.2, True, False)] == [True, False, True, False, True, False]
+    assert mark(float("nan")).right is mark({"judge": 3}).right is mark(None).right is None
+    assert mark(1.0).text == "x\ufffd"  # a control character is never written into the page
