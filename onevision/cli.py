@@ -81,24 +81,9 @@ def _recipe_plan(args: argparse.Namespace) -> int:
 
 
 def _curate(args: argparse.Namespace) -> int:
-    from components.curate.core import CurationError, run
-    from onevision.recipe import RecipeError
-    from onevision.storage import StorageError, join
+    from components.curate.core import command
 
-    try:
-        summary = run(args.recipe, args.stage, args.out, workers=args.workers, force=args.force,
-                      keep_work=args.keep_work, work_dir=args.work_dir)
-    except (CurationError, RecipeError, StorageError, OSError) as err:  # DiskFullError is an OSError
-        print(f"curate: {_one_line(err)}", file=sys.stderr)
-        return 1
-    t = summary["totals"]
-    print(f"{args.stage}: {t['records_in']} in, {t['kept']} kept, {t['duplicates']} duplicates, "
-          f"{t['rejected']} rejected ({len(summary['shards'])} shard(s))")
-    print(f"published  {summary['uri']}  manifest sha256 {summary['manifest_sha256'][:12]}")
-    print(f"data card  {join(summary['uri'], 'data_card.md')}")
-    if summary.get("work_dir"):
-        print(f"work kept  {summary['work_dir']}")
-    return 0
+    return command(args)  # an error: one line, exit 2 (bad input) or 3 (refused by a check)
 
 
 def _stack(args: argparse.Namespace) -> int:
@@ -278,18 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
     stack.add_argument("--mlflow-port", type=int, default=None, help="MLflow port, default 5000")
     stack.set_defaults(handler=_stack)
 
-    from onevision.recipe import STAGE_NAMES
+    from components.curate.cli import add_arguments  # argparse only: light
 
-    curate = sub.add_parser("curate", help="curate one stage's data mixture into published shards")
-    curate.add_argument("--recipe", required=True, help="recipe YAML, local path or s3://")
-    curate.add_argument("--stage", required=True, choices=STAGE_NAMES)
-    curate.add_argument("--out", required=True, help="where the shards are published (path or s3://)")
-    curate.add_argument("--workers", type=int, default=None, help="check processes (default: recipe; 0 = cores)")
-    curate.add_argument("--force", action="store_true",
-                        help="replace a stage already published at --out from another data recipe")
-    curate.add_argument("--work-dir", default=None, help="scratch folder (default: a new temporary one)")
-    curate.add_argument("--keep-work", action="store_true", help="keep the scratch folder (synthetic worlds, staging)")
-    curate.set_defaults(handler=_curate)
+    curate = sub.add_parser("curate", help="curate one stage's data mixture into published shards "
+                                           "(errors: exit 2 bad input, 3 refused by a check)")
+    add_arguments(curate).set_defaults(handler=_curate)
 
     run = sub.add_parser("run", help="run the pipeline DAG locally (kfp.local) on a recipe, on the local stack")
     run.add_argument("recipe", nargs="?", default="recipes/tiny.yaml")

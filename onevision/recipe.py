@@ -286,6 +286,9 @@ class CurationSpec(_Strict):
     dedup: bool = True  # exact duplicates: same media bytes and same conversation
     near_dup_distance: int | None = Field(4, ge=0, le=64)  # pHash Hamming bits; None = exact only
     normalise_prompts: bool = True  # LLaVA-1.5 answer-format suffixes on short-answer and MC questions
+    # per source, rejected / records in (duplicates are not rejections): above it the stage is refused,
+    # naming the source and its top reasons (its quarantine is published for inspection, the stage is not)
+    max_rejected_fraction: float = Field(0.2, ge=0, le=1)
 
 
 class DeployTarget(_Strict):

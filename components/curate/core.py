@@ -1,6 +1,7 @@
 """Curate one stage's data mixture into training shards; nothing is lost, everything is counted.
 
     onevision curate --recipe recipes/tiny.yaml --stage stage2_si --out /tmp/si [--workers 2] [--force]
+    python -m components.curate.core ...   # the same (cli.py): an error is one line, exit 2 or 3
 
     from components.curate.core import DataRecipe, curate_data, curate_stage, run
     summary = curate_stage(load_recipe("recipes/tiny.yaml"), "stage1", out="/tmp/stage1")
@@ -28,6 +29,7 @@ sources are streamed, not copied.
 
 from __future__ import annotations
 
+import argparse
 import errno
 import functools
 import itertools
@@ -36,15 +38,17 @@ import os
 import random
 import re
 import shutil
+import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, TypeVar
 
+from components.curate import cli
 from components.curate.card import CardStats, SourceStats, render_markdown
 from components.curate.checks import Limits, Verdict, check_item
 from components.curate.datarecipe import DataRecipe
@@ -54,8 +58,8 @@ from components.curate.sources import (CurationError, MediaMissing, RawRecord, S
 from onevision import storage
 from onevision.recipe import Recipe, load_recipe
 
-__all__ = ["CurationError", "DataRecipe", "DiskFullError", "StaleOutputError", "apply_sampling", "curate_data",
-           "curate_stage", "run", "run_data", "select_indices", "synthetic_world"]
+__all__ = ["CurationError", "DataRecipe", "DiskFullError", "StaleOutputError", "TooManyRejectedError",
+           "apply_sampling", "curate_data", "curate_stage", "run", "run_data", "select_indices", "synthetic_world"]
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -195,6 +199,36 @@ class StaleOutputError(CurationError):
     """`out` already holds a stage curated from another data recipe (or another stage)."""
 
 
+class TooManyRejectedError(CurationError):
+    """A source rejected more than `curation.max_rejected_fraction` of its records: the stage is not
+    published (no manifest), its quarantine is, for inspection."""
+
+
+DEDUP_CODES = ("duplicate", "near_duplicate")  # a repeated record is not a bad one
+
+
+def _refuse_rejections(stats: CardStats, data: DataRecipe, staging: Path, out: str) -> None:
+    """Per source, rejected / records in against the threshold. Over it: publish the quarantine alone
+    (beside no manifest, so no reader takes the prefix for a stage) and raise, naming every such source
+    with its top three rejection reasons."""
+    limit = data.curation.max_rejected_fraction
+    over = [s for s in stats.sources if s.records_in and s.rejected / s.records_in > limit]
+    if not over:
+        return
+    quarantine = storage.join(out, "quarantine.jsonl")
+    storage.put_file(staging / "quarantine.jsonl", quarantine)
+    named = []
+    for source in over:
+        reasons = sorted(((n, code) for code, n in source.reasons.items() if code not in DEDUP_CODES),
+                         key=lambda item: (-item[0], item[1]))[:3]
+        named.append(f"{source.name} rejected {source.rejected} of {source.records_in} records "
+                     f"({source.rejected / source.records_in:.0%}; top reasons: "
+                     f"{', '.join(f'{code} ({n})' for n, code in reasons)})")
+    raise TooManyRejectedError(
+        f"curation of {data.stage} refused: {'; '.join(named)}; above curation.max_rejected_fraction {limit:g}. "
+        f"The stage was not published; its quarantine is at {quarantine}")
+
+
 class DiskFullError(OSError):
     """Curation ran out of disk (ENOSPC/EDQUOT); the message names the path, and nothing was published."""
 
@@ -262,6 +296,7 @@ def _curate_into(data: DataRecipe, out: str, work: Path, staging: Path, workers:
                          max_bytes=data.curation.shard_max_bytes)
         finally:
             quarantine.close()
+        _refuse_rejections(stats, data, staging, out)
         card = stats.card(stage_name, data.recipe, data.hash(), _shard_table(staging))
         for source in card["sources"]:  # the invariant the quarantine promises; a bug here must not publish
             if source["records_in"] != source["kept"] + source["duplicates"] + source["rejected"]:
@@ -359,3 +394,36 @@ def run_data(data: DataRecipe, out_uri: str, workers: int | None = None, mlflow_
             mlflow.log_text(summary["card_markdown"], "data_card.md")
     summary.update(summary["totals"], manifest_sha256=storage.manifest_hash(out_uri), reused=False)
     return summary
+
+
+
+def command(args: argparse.Namespace) -> int:
+    """Curate as `args` say and print what was published; an error: one line on stderr, exit 2 or 3."""
+    from onevision.recipe import RecipeError
+
+    try:
+        summary = run(args.recipe, args.stage, args.out, workers=args.workers, force=args.force,
+                      keep_work=args.keep_work, work_dir=args.work_dir)
+    except (TooManyRejectedError, StaleOutputError) as err:
+        return cli.fail(err, cli.EXIT_REFUSED)
+    except (CurationError, RecipeError, storage.StorageError, OSError) as err:  # DiskFullError is an OSError
+        return cli.fail(err, cli.EXIT_BAD_INPUT)
+    t = summary["totals"]
+    print(f"{args.stage}: {t['records_in']} in, {t['kept']} kept, {t['duplicates']} duplicates, "
+          f"{t['rejected']} rejected ({len(summary['shards'])} shard(s))")
+    print(f"published  {summary['uri']}  manifest sha256 {summary['manifest_sha256'][:12]}")
+    print(f"data card  {storage.join(summary['uri'], 'data_card.md')}")
+    if summary.get("work_dir"):
+        print(f"work kept  {summary['work_dir']}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m components.curate.core`: the same arguments and answers as `onevision curate`."""
+    parser = argparse.ArgumentParser(prog="python -m components.curate.core",
+                                     description="Curate one stage's data mixture into published shards.")
+    return command(cli.add_arguments(parser).parse_args(argv))
+
+
+if __name__ == "__main__":  # spawned check workers import this module as __mp_main__: nothing runs there
+    sys.exit(main())

@@ -11,7 +11,9 @@ row group at a time), and the seeded synthetic shapes world. Media resolve again
 file, local or `s3://`. S3 sources are streamed, never copied to disk: JSON and JSONL through buffered
 ranged GETs, parquet by its footer and row groups, a media tar indexed in one pass and read member by
 member (storage.open_random / read_range), so a node's disk holds no source however large it is. A
-source that cannot be read at all raises CurationError; a bad record is yielded with its error.
+source that cannot be read at all raises CurationError (a .json file whose top level is not a list
+too); a bad record is yielded with its error. `missing_inputs(source)`: what of an entry's inputs does not
+exist, for preflight.
 """
 
 from __future__ import annotations
@@ -171,6 +173,7 @@ class JsonListSource(Source):
         import ijson
 
         with storage.open_random(self.uri) as stream:
+            _require_list(stream, self.uri)
             try:
                 for index, record in enumerate(ijson.items(stream, "item", use_float=True)):
                     yield RawRecord(index, record)
@@ -178,6 +181,22 @@ class JsonListSource(Source):
                 # One broken byte desynchronises a JSON list: the rest cannot be trusted.
                 raise CurationError(f"{self.uri}: not a valid JSON list ({err}); "
                                     "JSONL keeps bad lines as rejected records instead") from None
+
+
+_JSON_KINDS = {b"{": "a JSON object", b'"': "a JSON string", b"t": "a JSON boolean", b"f": "a JSON boolean",
+               b"n": "JSON null"}
+
+
+def _require_list(stream: Any, uri: str) -> None:
+    """Refuse a .json source whose top level is not a list: ijson would find no `item` in an object and
+    the stage would be curated as 0 records. Reads past leading whitespace only (insignificant in JSON)."""
+    while (head := stream.peek(1)[:1]) and head.isspace():
+        stream.read(1)
+    if head == b"[":
+        return
+    what = "an empty file" if not head else _JSON_KINDS.get(head, "not a JSON list")
+    raise CurationError(f"{uri}: {what}, not a list of records; give a JSON list of records ([{{...}}, ...]) "
+                        "or JSONL (one record per line, named .jsonl)")
 
 
 class ParquetSource(Source):
@@ -211,7 +230,14 @@ class ParquetSource(Source):
                 missing = {"id", "conversations"} - set(parquet.schema_arrow.names)
                 if missing:
                     raise CurationError(f"{uri}: parquet without column(s) {sorted(missing)}")
-                for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+                batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS)
+                while True:
+                    try:  # a footer that reads can still front a corrupt row group
+                        batch = next(batches, None)
+                    except (OSError, ValueError) as err:  # pyarrow's ArrowIOError, ArrowInvalid...
+                        raise CurationError(f"{uri}: parquet data unreadable after row {index} ({err})") from None
+                    if batch is None:
+                        break
                     for row in batch.to_pylist():
                         yield _parquet_row(index, row)
                         index += 1
@@ -264,6 +290,61 @@ def _parquet_files(uri: str) -> list[str]:
     return [str(p) for p in sorted(Path(uri).rglob("*.parquet"))]
 
 
+def _hub_mirror(uri: str) -> str:
+    """Where an hf://datasets/<id>/<config> source is read: the mirror in ONEVISION_DATASET_MIRROR."""
+    mirror = os.environ.get("ONEVISION_DATASET_MIRROR")
+    if not mirror:
+        raise CurationError(f"{uri}: hub datasets are read from a mirror (no internet in pods); "
+                            "set ONEVISION_DATASET_MIRROR to the folder or s3:// prefix holding "
+                            "<id>/<config>/*.parquet")
+    return storage.join(mirror, uri.removeprefix("hf://datasets/"))
+
+
+def missing_inputs(source: DataSource) -> list[str]:
+    """Each input of one mixture entry that curation would not find, as `<field> <uri> <why>` (preflight
+    names them before any GPU runs). "Exists" as open_source reads it: `json_path` and a `.tar`
+    media_root are files or objects; another media_root is a folder, or an S3 prefix with objects under
+    it; `dataset_uri` is a .parquet file or a folder/prefix holding some."""
+    problems = []
+    for name, uri in (("json_path", source.json_path), ("media_root", source.media_root),
+                      ("dataset_uri", source.dataset_uri)):
+        try:
+            why = _input_problem(name, uri) if uri else None
+        except storage.StorageNotFoundError:  # the bucket itself
+            why = "does not exist (no such bucket)"
+        except CurationError as err:
+            why = str(err).removeprefix(f"{uri}: ")
+        if why:
+            problems.append(f"{name} {uri} {why}")
+    return problems
+
+
+def _input_problem(field: str, uri: str) -> str | None:
+    if field == "dataset_uri":
+        if uri.startswith("synthetic://"):
+            return None  # generated at curation from the seed: nothing to find
+        if uri.startswith("hf://datasets/"):
+            if not os.environ.get("ONEVISION_DATASET_MIRROR"):
+                # Without a mirror the hub would have to be asked, and neither preflight nor the pods reach
+                # it: not checkable offline, skipped here (curation refuses it, saying to set the mirror).
+                return None
+            mirrored = _hub_mirror(uri)
+            if not storage.exists(mirrored):
+                return f"does not exist in the mirror ({mirrored})"
+            return None if _parquet_files(mirrored) else f"holds no .parquet files in the mirror ({mirrored})"
+        if not storage.exists(uri):
+            return "does not exist"
+        return None if _parquet_files(uri) else "holds no .parquet files"
+    if field == "json_path" or uri.endswith(".tar"):
+        try:
+            require(uri)
+        except CurationError as err:
+            return "is a folder, not a file" if str(err).endswith("a folder, not a file") else "does not exist"
+        return None
+    found = storage.list_uris(uri, limit=1) if storage.is_s3(uri) else Path(uri).is_dir()
+    return None if found else "does not exist (a media folder, or an S3 prefix with objects under it)"
+
+
 def open_source(source: DataSource, work: Path, seed: int) -> Source:
     """The reader for one mixture entry (raises CurationError when it cannot be read at all).
 
@@ -275,12 +356,7 @@ def open_source(source: DataSource, work: Path, seed: int) -> Source:
             world, kind = synthetic_world(uri, work, seed)
             return SyntheticSource(str(world / f"{kind}.json"), uri, DirMedia(str(world)))
         if uri.startswith("hf://datasets/"):
-            mirror = os.environ.get("ONEVISION_DATASET_MIRROR")
-            if not mirror:
-                raise CurationError(f"{uri}: hub datasets are read from a mirror (no internet in pods); "
-                                    "set ONEVISION_DATASET_MIRROR to the folder or s3:// prefix holding "
-                                    "<id>/<config>/*.parquet")
-            uri = storage.join(mirror, uri.removeprefix("hf://datasets/"))
+            uri = _hub_mirror(uri)
         files = _parquet_files(uri)
         if not files:
             raise CurationError(f"{source.dataset_uri}: no .parquet files")

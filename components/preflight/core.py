@@ -6,7 +6,10 @@
 Checks, all of them, reported together (one run fails once, with every reason):
   credentials  the S3 and MLflow settings the pods get from Secrets/ConfigMaps are present (names, never values)
   s3           the runs bucket exists and a probe object can be written, read back and deleted;
-               every s3:// input the recipe names (data, media, init checkpoint) exists
+               an s3:// init checkpoint exists
+  data         every enabled stage's sources exist, local or s3:// (json_path, dataset_uri, media_root;
+               a synthetic:// world is generated, an hf:// source without a mirror cannot be checked
+               offline): each missing one named with its stage and source
   mlflow       the tracking server answers /health within seconds (not after minutes of client retries)
   registry     the model registry answers, and the champion's version (if any) can be read
   recipe       the recipe with the run's overrides validates; a resumed run id keeps the same recipe
@@ -32,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from components.curate.datarecipe import DataRecipe
+from components.curate.sources import missing_inputs
 from onevision import storage, tracking
 from onevision.recipe import STAGE_NAMES, Recipe, RecipeError, dump_recipe, load_recipe, parse_recipe
 
@@ -70,12 +74,25 @@ def apply_overrides(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:
     return parse_recipe(doc, f"{recipe.name} with overrides {sorted(overrides)}")
 
 
-def _s3_inputs(recipe: Recipe) -> list[str]:
-    uris = [recipe.model.init_from] if recipe.model.init_from else []
+def check_sources(recipe: Recipe) -> list[str]:
+    """Every enabled stage's data sources: each `json_path`, `dataset_uri` and `media_root` that curation
+    would not find (components/curate/sources.missing_inputs says what exists means for each kind), one
+    line each, naming the stage and the source. S3 inputs are skipped when the S3 credentials are missing
+    (that is named already)."""
+    can_s3 = all(os.environ.get(name) for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"))
+    problems = []
     for name, stage in recipe.stages.enabled():
-        for source in stage.data:
-            uris += [u for u in (source.json_path, source.media_root) if u]
-    return [u for u in uris if storage.is_s3(u)]
+        for number, source in enumerate(stage.data, 1):
+            uris = [u for u in (source.json_path, source.dataset_uri, source.media_root) if u]
+            if not can_s3 and any(storage.is_s3(u) for u in uris):
+                continue
+            try:
+                missing = missing_inputs(source)
+            except storage.StorageError as err:
+                missing = [f"cannot be checked: {err}"]
+            problems += [f"data: {name} source {number} ({source.json_path or source.dataset_uri}): {why}"
+                         for why in missing]
+    return problems
 
 
 def check_s3(runs_root: str, recipe: Recipe) -> list[str]:
@@ -94,9 +111,9 @@ def check_s3(runs_root: str, recipe: Recipe) -> list[str]:
         storage.delete(probe)
     except Exception as err:  # noqa: BLE001 - any failure here is a reason to stop, reported by name
         return [f"s3: {storage.s3_endpoint()} refused a write/read/delete under {runs_root}: {err}"]
-    for uri in _s3_inputs(recipe):
-        if not (storage.exists(uri) or storage.list_uris(uri.rstrip("/") + "/", limit=1)):
-            problems.append(f"s3: the recipe's input {uri} does not exist")
+    init = recipe.model.init_from
+    if init and storage.is_s3(init) and not (storage.exists(init) or storage.list_uris(init.rstrip("/") + "/", limit=1)):
+        problems.append(f"s3: the recipe's input {init} does not exist")
     return problems
 
 
@@ -183,7 +200,7 @@ def run(recipe_uri: str, runs_root: str, run_id: str, overrides: dict[str, Any] 
         recipe = apply_overrides(load_recipe(recipe_uri), overrides or {})
     except RecipeError as err:
         raise PreflightError(f"recipe: {err}") from None
-    problems = check_s3(runs_root, recipe) + check_mlflow(recipe) + check_memory(recipe)
+    problems = check_s3(runs_root, recipe) + check_sources(recipe) + check_mlflow(recipe) + check_memory(recipe)
     if problems:
         raise PreflightError("preflight failed, nothing was started:\n  " + "\n  ".join(problems))
     run_uri = storage.join(runs_root, recipe.name, run_id)

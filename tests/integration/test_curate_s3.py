@@ -37,6 +37,7 @@ def test_s3_sources_to_s3_shards_with_data_card_in_mlflow(local_stack: object, t
         {"json_path": f"{prefix}/src/data.jsonl", "media_root": f"{prefix}/src/media.tar"},
         {"dataset_uri": f"{prefix}/pq"}]
     doc["curation"]["workers"] = 2
+    doc["curation"]["max_rejected_fraction"] = 1.0  # the planted corpus is mostly defects, on purpose
     recipe = parse_recipe(doc)
     storage.write_bytes(f"{prefix}/recipe.yaml", dump_recipe(recipe).encode())
     parent = tracking.ensure_pipeline_run(recipe, f"it-curate-{uuid.uuid4().hex[:6]}")

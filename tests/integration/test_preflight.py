@@ -65,11 +65,31 @@ def test_missing_credentials_and_a_missing_input_are_named(local_stack, monkeypa
     import yaml
 
     doc = yaml.safe_load(Path(RECIPE).read_text())
+    prefix = f"s3://onevision/pf-{uuid.uuid4().hex[:6]}"
+    storage.write_bytes(f"{prefix}/data.jsonl", b"")
+    storage.write_bytes(f"{prefix}/media/a.png", b"x")
+    storage.write_bytes(f"{prefix}/pq/readme.txt", b"no parquet here")
     doc["stages"]["stage1"]["data"] = [{"json_path": "s3://onevision/pf-missing/data.json", "media_root": None}]
+    doc["stages"]["stage2_si"]["data"] = [
+        {"json_path": f"{prefix}/data.jsonl", "media_root": f"{prefix}/media"},  # both exist: not named
+        {"json_path": f"{prefix}/data.jsonl", "media_root": f"{prefix}/no-media"},
+        {"json_path": f"{prefix}/data.jsonl", "media_root": f"{prefix}/media.tar"},
+        {"dataset_uri": f"{prefix}/pq"}, {"json_path": "s3://no-such-bucket-pf/data.json"}]
     broken = tmp_path / "tiny.yaml"
     broken.write_text(yaml.safe_dump(doc))
-    with pytest.raises(PreflightError, match="s3://onevision/pf-missing/data.json does not exist"):
+    with pytest.raises(PreflightError) as err:
         run(str(broken), "s3://onevision/runs", "pf-input")
+    data = [line.strip() for line in str(err.value).splitlines() if line.strip().startswith("data: ")]
+    assert data == [  # one error, every missing input named with its stage and source
+        "data: stage1 source 1 (s3://onevision/pf-missing/data.json): json_path s3://onevision/pf-missing/data.json "
+        "does not exist",
+        f"data: stage2_si source 2 ({prefix}/data.jsonl): media_root {prefix}/no-media does not exist (a media "
+        "folder, or an S3 prefix with objects under it)",
+        f"data: stage2_si source 3 ({prefix}/data.jsonl): media_root {prefix}/media.tar does not exist",
+        f"data: stage2_si source 4 ({prefix}/pq): dataset_uri {prefix}/pq holds no .parquet files",
+        "data: stage2_si source 5 (s3://no-such-bucket-pf/data.json): json_path s3://no-such-bucket-pf/data.json "
+        "does not exist"]
+    assert not storage.list_uris("s3://onevision/runs/tiny/pf-input/")  # nothing was pinned
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     with pytest.raises(PreflightError, match="AWS_SECRET_ACCESS_KEY is not set"):
         run(RECIPE, "s3://onevision/runs", "pf-creds")

@@ -133,7 +133,7 @@ def test_each_planted_defect_lands_in_quarantine_with_its_reason(tmp_path: Path,
     (tmp_path / "src" / "second.json").write_text(json.dumps([{"id": "cross-source", "image": "img/good-copy.png",
                                                                "conversations": q()}]))
     recipe = _recipe(tiny_recipe, [{"json_path": str(data)}, {"json_path": str(tmp_path / "src" / "second.json")}],
-                     workers=1)
+                     workers=1, max_rejected_fraction=1.0)  # mostly planted defects: over the default, on purpose
     summary = curate_stage(recipe, "stage2_si", str(tmp_path / "out"), work_dir=str(tmp_path / "work"))
 
     quarantine = _quarantine(tmp_path / "out")
@@ -228,7 +228,8 @@ def test_parquet_with_embedded_images_through_a_hub_mirror(tmp_path: Path, tiny_
     rows[2]["image"]["bytes"] = b"\x89PNG broken"
     rows[5]["image"] = None  # no image, yet an <image> placeholder
     _parquet(tmp_path / "mirror" / "lmms-lab/LLaVA-OneVision-Data/chart/train-00000-of-00001.parquet", rows)
-    recipe = _recipe(tiny_recipe, [{"dataset_uri": "hf://datasets/lmms-lab/LLaVA-OneVision-Data/chart"}], workers=1)
+    recipe = _recipe(tiny_recipe, [{"dataset_uri": "hf://datasets/lmms-lab/LLaVA-OneVision-Data/chart"}], workers=1,
+                     max_rejected_fraction=0.3)  # 2 of 7 planted defects
     with pytest.raises(CurationError, match="ONEVISION_DATASET_MIRROR"):
         curate_stage(recipe, "stage2_si", str(tmp_path / "o0"), work_dir=str(tmp_path / "w"))
     monkeypatch.setenv("ONEVISION_DATASET_MIRROR", str(tmp_path / "mirror"))
@@ -252,7 +253,7 @@ def test_json_list_with_an_image_tar(tmp_path: Path, tiny_recipe) -> None:
     records = [{"id": i, "image": f"imgs/{i}.png", "conversations": q(f"Q{i}?")} for i in range(4)]  # 3.png: absent
     (tmp_path / "data.json").write_text(json.dumps(records))
     recipe = _recipe(tiny_recipe, [{"json_path": str(tmp_path / "data.json"), "media_root": str(tmp_path / "images.tar")}],
-                     workers=1)
+                     workers=1, max_rejected_fraction=0.25)  # 1 of 4 missing, on purpose
     summary = curate_stage(recipe, "stage2_si", str(tmp_path / "out"), work_dir=str(tmp_path / "w"))
     assert (summary["totals"]["kept"], summary["sources"][0]["reasons"]) == (3, {"media_missing": 1})
 
@@ -322,7 +323,8 @@ def test_videos_are_decoded_and_a_broken_one_is_quarantined(tmp_path: Path, tiny
     (world / "videos" / "broken.mp4").write_bytes((world / video["video"]).read_bytes()[:300])
     records = [video, {**video, "id": "broken-video", "video": "videos/broken.mp4"}]
     (world / "mixed.json").write_text(json.dumps(records))
-    recipe = _recipe(tiny_recipe, [{"json_path": str(world / "mixed.json")}], stage="stage2_ov", workers=1)
+    recipe = _recipe(tiny_recipe, [{"json_path": str(world / "mixed.json")}], stage="stage2_ov", workers=1,
+                     max_rejected_fraction=0.5)  # 1 of 2 broken, on purpose
     summary = curate_stage(recipe, "stage2_ov", str(tmp_path / "out"), work_dir=str(tmp_path / "work"))
     assert (summary["totals"]["kept"], summary["sources"][0]["reasons"]) == (1, {"video_unreadable": 1})
     assert _quarantine(tmp_path / "out")[0]["id"] == "broken-video"

@@ -40,7 +40,8 @@ def _published(out: Path) -> tuple[dict, str, dict[str, bytes]]:
 
 
 def test_reruns_and_worker_counts_publish_identical_bytes(tmp_path: Path, tiny_recipe, private_tmp: Path) -> None:
-    recipe = _recipe(tiny_recipe, [{"json_path": str(planted_corpus(tmp_path / "src"))}])
+    recipe = _recipe(tiny_recipe, [{"json_path": str(planted_corpus(tmp_path / "src"))}],
+                     max_rejected_fraction=1.0)  # mostly planted defects, on purpose
     for out, workers in (("a", 1), ("b", 1), ("c", 2)):  # each run in a work folder of its own
         curate_stage(recipe, "stage2_si", str(tmp_path / out), workers=workers)
     a, b, c = (_published(tmp_path / out) for out in "abc")
@@ -107,7 +108,8 @@ def test_a_published_stage_is_reused_only_for_the_same_data_recipe(tmp_path: Pat
 def test_work_folders_are_removed_after_a_good_and_a_failing_run(tmp_path: Path, tiny_recipe,
                                                                   private_tmp: Path) -> None:
     good = _recipe(tiny_recipe, [{"json_path": str(planted_corpus(tmp_path / "src"))},
-                                 {"dataset_uri": "synthetic://shapes/vqa?n=4"}])  # a generated world too
+                                 {"dataset_uri": "synthetic://shapes/vqa?n=4"}],  # a generated world too
+                   max_rejected_fraction=1.0)  # mostly planted defects, on purpose
     curate_stage(good, "stage2_si", str(tmp_path / "good"), workers=2)
     assert list(private_tmp.iterdir()) == []
     (tmp_path / "broken.json").write_text('[{"id": 1, "conversations": []}, {"id": ')
@@ -193,7 +195,7 @@ def test_onevision_curate_command(tmp_path: Path, tiny_recipe, capsys: pytest.Ca
     printed = capsys.readouterr().out
     assert f"published  {out}" in printed and "stage2_si: 6 in, 6 kept" in printed
 
-    assert onevision(["curate", "--recipe", recipe, "--stage", "stage1", "--out", out]) == 1
+    assert onevision(["curate", "--recipe", recipe, "--stage", "stage1", "--out", out]) == 3  # refused by a check
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and error.startswith(f"curate: {out} already holds stage2_si") and "--force" in error
     assert onevision(["curate", "--recipe", recipe, "--stage", "stage1", "--out", out, "--force"]) == 0
@@ -202,7 +204,7 @@ def test_onevision_curate_command(tmp_path: Path, tiny_recipe, capsys: pytest.Ca
     doc = tiny_recipe.model_dump(mode="json")
     doc["stages"]["stage1"]["data"] = [{"json_path": "gs://bucket/llava.json"}]
     (tmp_path / "gs.yaml").write_text(json.dumps(doc))
-    assert onevision(["curate", "--recipe", str(tmp_path / "gs.yaml"), "--stage", "stage1", "--out", out]) == 1
+    assert onevision(["curate", "--recipe", str(tmp_path / "gs.yaml"), "--stage", "stage1", "--out", out]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "gs:// is not a supported source scheme" in error
     assert all(scheme in error for scheme in ("local paths", "s3://", "hf://datasets/", "synthetic://shapes/"))
@@ -210,13 +212,13 @@ def test_onevision_curate_command(tmp_path: Path, tiny_recipe, capsys: pytest.Ca
     doc["stages"]["stage1"]["data"] = [{"json_path": str(tmp_path / "absent.jsonl")}]
     (tmp_path / "absent.yaml").write_text(json.dumps(doc))
     assert onevision(["curate", "--recipe", str(tmp_path / "absent.yaml"), "--stage", "stage1",
-                      "--out", str(tmp_path / "o2")]) == 1
+                      "--out", str(tmp_path / "o2")]) == 2
     assert capsys.readouterr().err == f"curate: {tmp_path / 'absent.jsonl'}: no such file\n"
     doc["stages"]["stage1"]["data"] = [{"json_path": str(tmp_path)}]  # a folder given as the records file
     (tmp_path / "folder.yaml").write_text(json.dumps(doc))
     assert onevision(["curate", "--recipe", str(tmp_path / "folder.yaml"), "--stage", "stage1",
-                      "--out", str(tmp_path / "o3")]) == 1
+                      "--out", str(tmp_path / "o3")]) == 2
     assert capsys.readouterr().err == f"curate: {tmp_path}: a folder, not a file\n"
-    assert onevision(["curate", "--recipe", recipe, "--stage", "stage1", "--out", "gs://bucket/out"]) == 1
+    assert onevision(["curate", "--recipe", recipe, "--stage", "stage1", "--out", "gs://bucket/out"]) == 2
     assert "publishes to a local path or s3://bucket/prefix, not gs://" in capsys.readouterr().err
     assert not Path("gs:").exists()
