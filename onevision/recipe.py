@@ -318,7 +318,7 @@ class StepResources(_Strict):
     cpu: str = "2"
     memory: str = "8Gi"
     accelerator_type: str | None = None  # e.g. nvidia.com/gpu
-    # Memory of one of the step's GPUs (GiB): preflight's memory plan (onevision/plan.py) refuses a training
+    # Memory of one of the step's GPUs (GiB): preflight's memory plan (model/plan.py) refuses a training
     # stage that does not fit. 80: the GPU pool's H100 80GB (infra/terraform), as DeployTarget.gpu_memory_gb.
     gpu_memory_gb: float = Field(80, gt=0)
     node_selector: dict[str, str] = {}
@@ -326,7 +326,7 @@ class StepResources(_Strict):
 
 
 class ClusterSpec(_Strict):
-    # No image here: every step runs the one project image, components.PROJECT_IMAGE (infra/images),
+    # No image here: every step runs the one project image, onevision.PROJECT_IMAGE (infra/images),
     # which the KFP components are decorated with at import time; a per-recipe image could not apply.
     namespace: str = "kubeflow"
     storage_bucket: str = "onevision"
@@ -341,7 +341,7 @@ class ClusterSpec(_Strict):
     def _no_image(cls, data: Any) -> Any:
         if isinstance(data, dict) and "image" in data:
             raise ValueError("cluster.image is not a recipe setting: every step runs the project image "
-                             "(components.PROJECT_IMAGE, built from infra/images/Dockerfile); remove the line")
+                             "(onevision.PROJECT_IMAGE, built from infra/images/Dockerfile); remove the line")
         return data
 
     @field_validator("steps")

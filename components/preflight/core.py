@@ -14,7 +14,7 @@ Checks, all of them, reported together (one run fails once, with every reason):
   registry     the model registry answers, and the champion's version (if any) can be read
   recipe       the recipe with the run's overrides validates; a resumed run id keeps the same recipe
   memory       every training stage on GPUs fits its step's GPUs (`cluster.steps`: gpus per node, nodes,
-               gpu_memory_gb): the plan of `onevision recipe plan` (onevision/plan.py), printed; a stage
+               gpu_memory_gb): the plan of `onevision recipe plan` (model/plan.py), printed; a stage
                that does not fit is named with its shortfall
 Then it publishes the resolved recipe at `<run_uri>/recipe/recipe.yaml` (what every later step reads)
 with `data.json`: each enabled stage's data recipe (components/curate/datarecipe.py: the mixture, the
@@ -143,7 +143,7 @@ def check_memory(recipe: Recipe) -> list[str]:
     loaded)."""
     if not any(recipe.cluster.resources(name).gpus for name, _ in recipe.stages.enabled()):
         return []
-    from onevision.plan import PlanError, plan_recipe
+    from model.plan import PlanError, plan_recipe
 
     try:
         plan = plan_recipe(recipe)

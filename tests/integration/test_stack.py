@@ -7,7 +7,7 @@ from pathlib import Path
 import psutil
 
 from onevision import stack
-from onevision.cli import main
+from onevision_cli.main import main
 
 
 def _listening(pid: int) -> set[str]:

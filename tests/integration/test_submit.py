@@ -306,7 +306,7 @@ def test_onevision_submit_compiles_the_recipe_and_passes_typed_params(
     """`onevision submit`: the recipe's real pipeline, typed --param values (numbers, JSON), the service account."""
     import yaml
 
-    from onevision.cli import main
+    from onevision_cli.main import main
     from pipelines.compile import COMPILED_DIR
 
     srv = fake_kfp_factory()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from onevision.cli import main
+from onevision_cli.main import main
 from onevision.stack import free_port_block
 from pipelines.compile import image_recipe_uri
 

@@ -14,7 +14,7 @@ import pytest
 from components.curate.core import DataRecipe, StaleOutputError, curate_stage, run
 from model.shards import ShardDataset
 from onevision import storage
-from onevision.cli import main as onevision
+from onevision_cli.main import main as onevision
 from onevision.recipe import dump_recipe, load_recipe, parse_recipe
 from tests.unit.test_curate_core import _quarantine, _recipe, planted_corpus, q
 

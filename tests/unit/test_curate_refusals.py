@@ -21,7 +21,7 @@ from components.curate.core import CurationError, TooManyRejectedError, curate_s
 from components.curate.datarecipe import DataRecipe
 from components.preflight.core import PreflightError, check_sources, run
 from onevision import storage
-from onevision.cli import main as onevision
+from onevision_cli.main import main as onevision
 from onevision.recipe import dump_recipe
 from tests.unit.test_curate_core import _parquet, _png, _recipe, q
 

@@ -215,7 +215,7 @@ def test_the_cluster_provides_what_the_steps_reference() -> None:
 
 
 def test_compile_cli_names_a_bad_recipe(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from onevision.cli import main
+    from onevision_cli.main import main
 
     broken = Path(__file__).resolve().parents[2] / "recipes" / "tiny.yaml"
     outside = tmp_path / "tiny.yaml"

@@ -1,4 +1,4 @@
-"""The memory plan (onevision/plan.py): the shipped recipes' models built on the meta device at their real
+"""The memory plan (model/plan.py): the shipped recipes' models built on the meta device at their real
 sizes, shapes checked through a meta forward, per-GPU memory from DeepSpeed's estimators, and the CLI."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from onevision.plan import (GIB, PlanError, activation_bytes, build_config, model_param_counts,
+from model.plan import (GIB, PlanError, activation_bytes, build_config, model_param_counts,
                             model_state_bytes, plan_recipe)
 from onevision.recipe import load_recipe, parse_recipe
 

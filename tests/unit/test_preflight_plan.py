@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from components.preflight.core import PreflightError, check_memory, run
-from onevision.cli import main
+from onevision_cli.main import main
 from onevision.recipe import STAGE_NAMES, load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]

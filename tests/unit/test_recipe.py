@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from onevision.cli import main
+from onevision_cli.main import main
 from onevision.recipe import RecipeError, load_recipe, parse_recipe
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,7 +7,7 @@
     eval "$(onevision stack env)"
     onevision stack status | down
     onevision curate --recipe recipes/tiny.yaml --stage stage2_si --out /tmp/si [--workers 2] [--force]
-    onevision run --recipe recipes/tiny.yaml [--s3-port 8333] [--mlflow-port 5000]   # the DAG under kfp.local
+    onevision run --recipe recipes/tiny.yaml [--s3-port 8333] [--mlflow-port 5000] [--verbose]   # the DAG, kfp.local
     onevision compile --recipe recipes/ov-7b.yaml -o ov-7b.yaml   # KFP YAML (--all: pipelines/compiled/)
     onevision submit --host https://kfp.example.com --recipe recipes/ov-7b.yaml [--param k=v]
     onevision serve --model s3://onevision/runs/tiny/R/stage2_ov/hf --backend kserve|triton --port 8080
@@ -67,7 +67,7 @@ def _recipe_plan(args: argparse.Namespace) -> int:
 
     try:
         recipe = load_recipe(args.file)
-        from onevision.plan import DEFAULT_TEXT_TOKENS, PlanError, plan_recipe
+        from model.plan import DEFAULT_TEXT_TOKENS, PlanError, plan_recipe
 
         plan = plan_recipe(recipe, args.gpus_per_node, args.gpu_memory_gb, args.nodes,
                            args.text_tokens or DEFAULT_TEXT_TOKENS)
@@ -120,7 +120,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         load_recipe(recipe)  # before anything starts: the offending field named
         _stack_up(args)  # on the ports asked for; run_local finds it running
-        summary = run_local(recipe, state_dir=args.state_dir, run_id=args.run_id, gitops_repo=args.gitops_repo)
+        summary = run_local(recipe, state_dir=args.state_dir, run_id=args.run_id, gitops_repo=args.gitops_repo,
+                            verbose=args.verbose)
     except RecipeError as err:
         print(f"run: {err}", file=sys.stderr)
         return 1
@@ -274,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--recipe", dest="recipe_option", default=None, help="recipe YAML (same as the positional)")
     run.add_argument("--state-dir", default=None, help="local stack state dir (default .onevision/stack)")
     run.add_argument("--run-id", default=None, help="pipeline run id; reuse one to resume (default: new)")
+    run.add_argument("--verbose", action="store_true",
+                     help="also print every task's raw output (kfp.local's stream); it is in the task logs either way")
     run.add_argument("--gitops-repo", default=os.environ.get("ONEVISION_GITOPS_REPO"),
                      help="GitOps repository the deploy step pushes to (default: a bare repo in the state dir)")
     run.add_argument("--s3-port", type=int, default=None, help=S3_PORT_HELP + " (when the run starts the stack)")

@@ -158,7 +158,7 @@ def _source_config(source: str) -> dict[str, Any]:
     path = Path(source) / "config.json"
     if path.is_file():
         return json.loads(path.read_text())
-    raise PlanError(f"cannot plan {source!r}: not a known model (onevision.plan.KNOWN_CONFIGS: "
+    raise PlanError(f"cannot plan {source!r}: not a known model (model.plan.KNOWN_CONFIGS: "
                     f"{', '.join(KNOWN_CONFIGS)}) nor a local folder or s3:// prefix with a config.json")
 
 

@@ -1,0 +1,5 @@
+"""`python -m onevision_cli ...` is the `onevision` command."""
+
+from onevision_cli.main import main
+
+main()
