@@ -245,7 +245,7 @@ def test_mlflow_down_fails_a_step_fast_and_a_rerun_loses_nothing(tmp_path: Path,
 
 def test_three_sigkills_at_random_points_then_the_uninterrupted_weights(tmp_path: Path, world, reference) -> None:
     """Kill points come from a seeded RNG. The first two fall anywhere in the training (where state is
-    written): after the n-th step this process logs plus up to a step, so inside a step, a checkpoint
+    written): after the n-th step this process reports (its `[progress]` line) plus up to a step, so inside a step, a checkpoint
     save or its upload. The third falls in the last window: after the final checkpoint is published and
     before the stage's HF folder is (where a resumed Trainer used to train a 13th step). Each rerun keeps
     --out; the work dir is kept (a restarted container) or fresh (a new pod, which downloads)."""
@@ -262,7 +262,7 @@ def test_three_sigkills_at_random_points_then_the_uninterrupted_weights(tmp_path
         proc = train(recipe, "stage1", data, out, "--work-dir", str(work),
                      env={**UNTRACKED, "PYTHONUNBUFFERED": "1"}, wait=False)
         if attempt < 2:
-            lines = kill_when(proc, lambda lines, n=after: sum(x.startswith("{'loss'") for x in lines) >= n, delay)
+            lines = kill_when(proc, lambda lines, n=after: sum(x.startswith("[progress] stage1 step ") for x in lines) >= n, delay)
             kills.append(f"from step {start}: after {after} steps + {delay * 1000:.0f} ms")
         else:
             lines = kill_when(proc, lambda lines: final.exists(), delay)
