@@ -27,6 +27,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
+from model.media import decode_image, load_image, load_video  # the project's checked decoders (size, pixels)
+
 GALLERY_HTML, GALLERY_PNG = "gallery.html", "gallery.png"
 SAMPLES = 24
 VIDEO_SUFFIXES = (".mp4", ".gif", ".webm", ".avi", ".mov", ".mkv")
@@ -123,15 +125,13 @@ def media_of(sample: dict[str, Any], doc: dict[str, Any] | None) -> tuple[list[I
     for source in sources:
         try:
             if isinstance(source, str) and source.startswith("data:"):
-                images.append(_thumb(Image.open(io.BytesIO(base64.b64decode(source.split(",", 1)[1]))), THUMB))
+                images.append(_thumb(decode_image(base64.b64decode(source.split(",", 1)[1]), "a data: URI"), THUMB))
             elif isinstance(source, str) and source.lower().endswith(VIDEO_SUFFIXES) and Path(source).is_file():
-                from model.media import load_video
-
                 frames = load_video(source, VIDEO_FRAMES)
                 images += [_thumb(Image.fromarray(f), THUMB // 2) for f in frames]
                 kind = "video"
             elif isinstance(source, str) and Path(source).is_file():
-                images.append(_thumb(Image.open(source), THUMB if len(sources) == 1 else THUMB // 2))
+                images.append(_thumb(load_image(source), THUMB if len(sources) == 1 else THUMB // 2))
             else:
                 missing += 1
         except Exception:  # a broken file is shown as missing; the evaluation itself already used or refused it
