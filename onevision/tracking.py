@@ -148,6 +148,12 @@ def ensure_pipeline_run(recipe: Recipe, pipeline_run_id: str) -> str:
     return run.info.run_id
 
 
+def pipeline_parent(client: Any, recipe: Recipe, pipeline_run_id: str) -> Any | None:
+    """The parent run of a pipeline run of `recipe` (in its experiment), or None (no experiment or no run yet)."""
+    experiment = client.get_experiment_by_name(experiment_name(recipe))
+    return find_pipeline_run(client, experiment.experiment_id, pipeline_run_id) if experiment else None
+
+
 def find_pipeline_run(client: Any, experiment_id: str, pipeline_run_id: str) -> Any | None:
     """The parent run of a pipeline run (tags onevision.pipeline_run_id and onevision.step=pipeline), or None."""
     found = client.search_runs(

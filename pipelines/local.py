@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from components.finish.core import curated_uris
-from pipelines.console import TaskConsole
 from onevision import stack, storage, tracking
 from onevision.recipe import load_recipe
+from pipelines.console import TaskConsole
 
 RUNS_ROOT = f"s3://{stack.DATA_BUCKET}/runs"
 DATA_ROOT = f"s3://{stack.DATA_BUCKET}/curated"  # content-addressed curated data, shared by runs
@@ -67,10 +67,8 @@ def run_summary(recipe_path: str, run_uri: str, run_id: str, mlflow_ui: str) -> 
     registered = {"name": versions[0].name, "version": versions[0].version,
                   "aliases": sorted(client.get_model_version(versions[0].name, versions[0].version).aliases)} \
         if versions else None
-    experiment = client.get_experiment_by_name(tracking.experiment_name(recipe))
-    parent = client.search_runs([experiment.experiment_id], f"tags.`{tracking.TAG_PIPELINE_RUN}` = '{run_id}' and "
-                                f"tags.`{tracking.TAG_STEP}` = 'pipeline'", max_results=1) if experiment else []
-    url = f"{mlflow_ui}/#/experiments/{experiment.experiment_id}/runs/{parent[0].info.run_id}" if parent else mlflow_ui
+    parent = tracking.pipeline_parent(client, recipe, run_id)
+    url = f"{mlflow_ui}/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}" if parent else mlflow_ui
     return {"run_id": run_id, "run_uri": run_uri, "stages": stages, "curated": curated, "evaluations": evaluations,
             "registered": registered, "mlflow_url": url}
 
@@ -103,8 +101,7 @@ def log_task_logs(recipe_path: str, run_id: str, logs: Path) -> str | None:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
-    experiment = client.get_experiment_by_name(tracking.experiment_name(load_recipe(recipe_path)))
-    parent = tracking.find_pipeline_run(client, experiment.experiment_id, run_id) if experiment else None
+    parent = tracking.pipeline_parent(client, load_recipe(recipe_path), run_id)
     if parent is None:
         return None
     client.log_artifacts(parent.info.run_id, str(logs), "logs")

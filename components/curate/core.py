@@ -396,7 +396,6 @@ def run_data(data: DataRecipe, out_uri: str, workers: int | None = None, mlflow_
     return summary
 
 
-
 def command(args: argparse.Namespace) -> int:
     """Curate as `args` say and print what was published; an error: one line on stderr, exit 2 or 3."""
     from onevision.recipe import RecipeError

@@ -112,8 +112,7 @@ def finish_pipeline_run(recipe_uri: str, runs_root: str, run_id: str, state: str
     recipe = load_recipe(recipe_uri)
     tracking.check_server()
     client = MlflowClient()
-    experiment = client.get_experiment_by_name(tracking.experiment_name(recipe))
-    parent = tracking.find_pipeline_run(client, experiment.experiment_id, run_id) if experiment else None
+    parent = tracking.pipeline_parent(client, recipe, run_id)
     if parent is None:
         print(f"[finish] run {run_id}: no parent MLflow run (preflight did not get that far); nothing to end",
               flush=True)
