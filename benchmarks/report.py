@@ -84,9 +84,15 @@ def _git(*args: str) -> str | None:
         return None
 
 
+def tree_state() -> tuple[str | None, str | None]:
+    """(HEAD, `git status --porcelain`) of the checkout, untracked files included (an uncommitted module
+    changes what runs as much as an edit does); (None, None) outside a git checkout."""
+    return _git("rev-parse", "HEAD"), _git("status", "--porcelain", "--untracked-files=normal")
+
+
 def machine_details() -> dict[str, Any]:
     """Where and on what the benchmarks ran (CPU, cores, RAM, GPUs, versions, git commit, date, load)."""
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    head, status = tree_state()
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -96,7 +102,7 @@ def machine_details() -> dict[str, Any]:
         "cpu": _cpu_model(), "cores": os.cpu_count(), "usable_cores": usable, "ram_gb": _ram_gb(),
         "gpus": _gpus(), "platform": platform.platform(), "python": platform.python_version(),
         "versions": {p: _version(p) for p in PACKAGES},
-        "git_commit": _git("rev-parse", "HEAD"), "git_dirty": bool(status) if status is not None else None,
+        "git_commit": head, "git_dirty": bool(status) if status is not None else None,
         "load_average_1min": round(os.getloadavg()[0], 2),
         "threads": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")},
     }

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.report import machine_details, write_report
+from benchmarks.report import machine_details, tree_state, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     machine = machine_details()
     if machine.get("git_dirty") is not False and not args.allow_dirty:
-        print("make bench: the tree has uncommitted changes (or is not a git checkout), so no commit could "
+        print("make bench: the tree has uncommitted changes or untracked files (or is not a git checkout), so no commit could "
               "reproduce this report. Commit first, or pass --allow-dirty for a report marked DIRTY.",
               file=sys.stderr)
         return 2
@@ -166,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f" {status} in {result['wall_s']:.0f} s" + (f": {result['summary']}" if status == "failed" else ""),
               flush=True)
     wall = round(time.perf_counter() - began, 1)
+    if machine.get("git_dirty") is False and tree_state() != (machine["git_commit"], ""):
+        # an edit, a new file or a commit while the benchmarks ran: no single commit reproduces the report
+        machine.update(git_dirty=True, git_changed_during_run=True)
+        print("make bench: the tree changed while the benchmarks ran; the report is marked DIRTY", file=sys.stderr)
     paths = write_report(results, args.out_dir, date=args.date, machine=machine,
                          mode="quick" if args.quick else "full", wall_s=wall)
     print(f"report: {paths['markdown']} and {paths['json']} ({wall / 60:.1f} min)", flush=True)

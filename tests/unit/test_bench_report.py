@@ -122,6 +122,32 @@ def test_make_bench_refuses_a_dirty_tree_unless_allowed(monkeypatch: pytest.Monk
     assert "uncommitted changes" in capsys.readouterr().err
 
 
+def test_a_tree_that_changes_during_the_run_gives_a_dirty_report(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                                  capsys) -> None:
+    from benchmarks import run_all
+
+    clean = {**MACHINE, "gpus": [], "git_dirty": False}
+    monkeypatch.setattr(run_all, "machine_details", lambda: dict(clean))
+    monkeypatch.setattr(run_all, "BENCHMARKS", [{"name": "training", "title": "t", "measures": "m", "baseline": "b",
+                                                 "gpu": False, "timeout": 10}])
+    monkeypatch.setattr(run_all, "run_one", lambda *a, **k: {**fake_results()[0], "wall_s": 1.0})
+    states = iter([(clean["git_commit"], "?? benchmarks/new_helper.py")])  # a file appeared mid-run
+    monkeypatch.setattr(run_all, "tree_state", lambda: next(states))
+    assert run_all.main(["--out-dir", str(tmp_path), "--date", "2026-12-04"]) == 0
+    assert (tmp_path / "2026-12-04-DIRTY.md").exists() and not (tmp_path / "2026-12-04.md").exists()
+    assert "changed while the benchmarks ran" in capsys.readouterr().err
+
+
+def test_untracked_files_count_as_uncommitted(monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import report
+
+    calls = []
+    monkeypatch.setattr(report, "_git", lambda *args: calls.append(args) or ("?? x.py" if args[0] == "status" else "c0"))
+    assert report.tree_state() == ("c0", "?? x.py")
+    assert ("status", "--porcelain", "--untracked-files=normal") in calls
+    assert report.machine_details()["git_dirty"] is True
+
+
 def test_mfu_is_refused_on_a_gpu_whose_peak_is_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
