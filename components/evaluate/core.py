@@ -258,8 +258,6 @@ def published_report(stage: str, model_uri: str, out_uri: str) -> dict[str, Any]
 def run(recipe_uri: str, stage: str, model_uri: str, out_uri: str, mlflow_parent: str | None = None,
         work_dir: str | None = None, include_paths: list[str] = ()) -> dict[str, Any]:
     """The pipeline step: evaluate `model_uri` (HF folder, path or s3://) trained through `stage`."""
-    from model.builder import resolve_source
-
     recipe = load_recipe(recipe_uri)
     published = published_report(stage, model_uri, out_uri)
     if published is not None:  # a resumed or retried run: the verdict stands, lmms-eval is not rerun
@@ -269,7 +267,7 @@ def run(recipe_uri: str, stage: str, model_uri: str, out_uri: str, mlflow_parent
     folder = Path(tempfile.mkdtemp(prefix="publish-", dir=work))
     tasks = list(recipe.evaluation.tasks)
     results, lmms_dir = run_lmms_eval(
-        resolve_source(model_uri), tasks, work / "lmms_out", template="plain" if stage == "stage1" else "qwen_1_5",
+        storage.resolve_source(model_uri), tasks, work / "lmms_out", template="plain" if stage == "stage1" else "qwen_1_5",
         video_frames=_video_frames(recipe), batch_size=recipe.evaluation.batch_size, seed=recipe.training.seed,
         work=work, include_paths=list(include_paths))
     scores = scores_of(results, tasks)
