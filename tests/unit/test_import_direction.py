@@ -110,6 +110,60 @@ def test_no_two_modules_import_each_other() -> None:
     assert not loops, f"modules importing each other: {loops}"
 
 
+HEAVY = ("torch", "transformers", "deepspeed")  # ~10 s to import: only the steps that run a model pay it
+# the pipeline steps that run no model (curate tokenizes, train trains; lmms-eval runs in its own process)
+LIGHT_STEPS = ("components.preflight.core", "components.evaluate.core", "components.export.core",
+               "components.register.core", "components.register.promote", "components.finish.core")
+
+
+def external_reach(start: str) -> dict[str, str]:
+    """Third-party top-level packages a step's process imports -> the module of ours that imports each.
+    The step's core counts with its lazy (in-function) imports, since the step calls them; every module it
+    reaches counts with its module-level imports (and its packages' __init__)."""
+    modules, found, seen = our_modules(), {}, set()
+    todo = [(start, True)]
+    while todo:
+        name, lazy = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        tree = ast.parse(modules[name].read_text())
+        for node in (ast.walk(tree) if lazy else tree.body):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                targets = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            else:
+                continue
+            for target in targets:
+                if target.split(".")[0] not in MAY_IMPORT:
+                    found.setdefault(target.split(".")[0], name)
+                    continue
+                ours = target if target in modules else target.rpartition(".")[0]
+                parts = ours.split(".")
+                todo += [(".".join(parts[:i]), False) for i in range(1, len(parts) + 1) if ".".join(parts[:i]) in modules]
+    return found
+
+
+@pytest.mark.parametrize("step", LIGHT_STEPS)
+def test_steps_that_run_no_model_import_no_torch(step: str) -> None:
+    heavy = {package: importer for package, importer in external_reach(step).items() if package in HEAVY}
+    assert not heavy, f"{step} pulls in {heavy} (package -> our module that imports it)"
+
+
+def test_reach_follows_lazy_imports_of_the_step(tmp_path: Path) -> None:
+    global ROOT
+    (tmp_path / "components").mkdir()
+    (tmp_path / "model").mkdir()
+    (tmp_path / "components/step.py").write_text("def run():\n    from model.builder import resolve_source\n")
+    (tmp_path / "model/builder.py").write_text("import torch\ndef f():\n    import deepspeed\n")
+    saved, ROOT = ROOT, tmp_path
+    try:
+        assert external_reach("components.step") == {"torch": "model.builder"}  # deepspeed: lazy, not the step's
+    finally:
+        ROOT = saved
+
+
 @pytest.mark.parametrize("source, expected", [
     ("from model import metrics", {"model", "model.metrics"}),
     ("import serving.engine as engine", {"serving.engine"}),
