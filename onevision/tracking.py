@@ -36,6 +36,7 @@ TAG_RECIPE_NAME = "onevision.recipe"
 TAG_GIT_COMMIT = "onevision.git_commit"
 TAG_DATA_MANIFEST = "onevision.data_manifest_hash"
 TAG_STEP = "onevision.step"
+TAG_WEIGHTS = "onevision.weights_uri"  # on a model version: the merged HF folder it stands for
 MAX_PARAM_VALUE = 6000  # MLflow's limit on one param value
 
 
@@ -146,6 +147,12 @@ def ensure_pipeline_run(recipe: Recipe, pipeline_run_id: str) -> str:
     for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
         client.log_batch(run.info.run_id, params=params[i:i + 100])
     return run.info.run_id
+
+
+def weights_uri(version: Any) -> str:
+    """The HF folder (S3 prefix) of a registered model version: its `onevision.weights_uri` tag. The version's
+    source is its MLflow pyfunc (components/register); a version registered before that has the folder as source."""
+    return (version.tags or {}).get(TAG_WEIGHTS) or version.source
 
 
 def pipeline_parent(client: Any, recipe: Recipe, pipeline_run_id: str) -> Any | None:

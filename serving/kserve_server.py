@@ -102,7 +102,7 @@ class OneVisionModel(kserve.Model):
         if not isinstance(instances, list) or not instances:
             raise RequestError(400, 'v1 body must be {"instances": [...]} with at least one instance')
         completions = await self._generate(instances, "instances")
-        return {"predictions": [{"text": c.text, "finish_reason": c.finish_reason, "usage": _usage(c)}
+        return {"predictions": [{"text": c.text, "finish_reason": c.finish_reason, "usage": c.usage()}
                                 for c in completions]}
 
     # ---- v2: BYTES "text" (+ "image") or BYTES "request" (JSON chat bodies) -------------------------
@@ -190,11 +190,6 @@ def _strings(tensor: InferInput) -> list[str]:
         raise RequestError(400, f"input {tensor.name!r}: cannot read as UTF-8 strings ({err})") from None
 
 
-def _usage(c: Completion) -> dict[str, int]:
-    return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-            "total_tokens": c.prompt_tokens + c.completion_tokens}
-
-
 # ---- OpenAI chat route ------------------------------------------------------------------------------
 def _openai_error(status: int, message: str) -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else "server_error"
@@ -233,13 +228,7 @@ def add_openai_route(app: FastAPI, model: OneVisionModel) -> None:
             completion = await model._engine.submit(generation)
         except RequestError as err:
             return _openai_error(err.status, err.message)
-        return JSONResponse({
-            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-            "model": model.name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text},
-                         "finish_reason": completion.finish_reason}],
-            "usage": _usage(completion),
-        })
+        return JSONResponse(completion.as_openai(model.name))
 
     app.add_api_route("/openai/v1/chat/completions", chat_completions, methods=["POST"], response_model=None)
     app.add_api_route("/openai/v1/models", list_models, methods=["GET"], response_model=None)

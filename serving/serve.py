@@ -51,6 +51,8 @@ def resolve_model_uri(uri: str) -> str:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    from onevision import tracking
+
     client = MlflowClient(tracking_uri)
     try:
         if match["alias"]:
@@ -60,7 +62,7 @@ def resolve_model_uri(uri: str) -> str:
     except MlflowException as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ValueError(f"{uri}: MLflow at {tracking_uri} cannot resolve it: {first}") from None
-    return version.source
+    return tracking.weights_uri(version)
 
 
 def check_model_folder(uri: str) -> None:

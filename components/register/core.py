@@ -4,8 +4,11 @@
         --evaluation s3://.../evaluate/stage2_ov --export s3://.../export --pipeline-run r1
 
 One registered model per recipe (`evaluation.registered_model`, default `llava-onevision-<recipe>`). The
-version's source is the merged HF folder in S3, referenced, never re-uploaded through the MLflow artifact
-proxy; the Triton repository and manifests (the export) are referenced by tag. Tags: lineage (recipe
+version's source is a small MLflow pyfunc model (serving/mlflow_pyfunc.py: code, signature, input example,
+and the weights' S3 prefix in its model config), logged in the step's MLflow run, so that
+`mlflow.pyfunc.load_model("models:/<name>@candidate")` answers chat requests. The merged HF folder in S3
+is referenced (tag `onevision.weights_uri`, `tracking.weights_uri`), never re-uploaded through the MLflow
+artifact proxy; the Triton repository and manifests (the export) are referenced by tag too. Tags: lineage (recipe
 hash, data manifest hashes, git commit, pipeline run id, the checkpoint of every stage), the eval scores
 (`onevision.eval.<task>.<metric>`, what the next evaluation's champion comparison reads) and the gate
 (`onevision.gate_passed`), the evaluation's prefix (`onevision.evaluation_uri`: the next evaluation reads
@@ -17,8 +20,11 @@ the review gallery of the gating evaluation (its MLflow run's gallery.html, and 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import tempfile
 import time
+from importlib.metadata import version as installed_version
 from typing import Any
 
 # what the next evaluation reads from the champion: its scores, and where its answers (samples) lie
@@ -32,6 +38,9 @@ TAG_EXPORT = "onevision.export_uri"
 TAG_EVALUATION_RUN = "onevision.evaluation_run_id"
 TAG_CHECKPOINT_PREFIX = "onevision.checkpoint."
 CANDIDATE, CHAMPION, PREVIOUS = "candidate", "champion", "previous-champion"
+CHAT_MODEL_PATH = "chat_model"  # the pyfunc's folder in the register run's artifacts
+# what loading the pyfunc needs besides the project's own packages (the project image holds all of them)
+CHAT_MODEL_REQUIREMENTS = ("mlflow", "torch", "transformers", "pillow", "av")
 
 
 class RegistryError(RuntimeError):
@@ -78,6 +87,54 @@ def model_card(recipe: Recipe, model_uri: str, evaluation: dict[str, Any], compa
     return "\n".join(lines) + "\n"
 
 
+def chat_model_example() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The pyfunc's input example (a chat request with a PNG, as a client sends it) and an output of its shape."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64), (220, 40, 40)).save(png, format="PNG")
+    request = {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()}},
+        {"type": "text", "text": "What colour is the shape?"}]}]}
+    answer = [{"id": "chatcmpl-0", "object": "chat.completion", "created": 0, "model": "onevision",
+               "choices": [{"index": 0, "message": {"role": "assistant", "content": "red"}, "finish_reason": "stop"}],
+               "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}]
+    return request, answer
+
+
+def log_chat_model(recipe: Recipe, model_uri: str, pipeline_run_id: str) -> tuple[str, str]:
+    """Log the version's pyfunc (code, model config {weights_uri: model_uri}, signature, input example; no
+    weights) in the register run (a step run under the pipeline's parent run when it exists); returns
+    (the pyfunc's artifact URI, the run id). Saved with `save_model` and logged as artifacts: `log_model`
+    would load the model (all its weights) to check the example, in a step that must stay small."""
+    import mlflow
+    from mlflow.models import infer_signature
+    from mlflow.tracking import MlflowClient
+
+    from serving.mlflow_pyfunc import WEIGHTS_URI
+
+    request, answer = chat_model_example()
+    signature = infer_signature(request, answer, params={"max_tokens": 64, "temperature": 0.0, "top_p": 1.0, "seed": 0})
+    code = importlib.util.find_spec("serving.mlflow_pyfunc").origin  # the file, not imported: it sets the model
+    parent = tracking.pipeline_parent(MlflowClient(), recipe, pipeline_run_id)
+    if parent is not None:
+        run = tracking.step_run("register", parent.info.run_id, params={"model_uri": model_uri})
+    else:  # registered outside a pipeline run: a run of its own, with the lineage tags
+        experiment = mlflow.set_experiment(tracking.experiment_name(recipe))
+        run = mlflow.start_run(experiment_id=experiment.experiment_id, run_name=f"register {pipeline_run_id}",
+                               tags={**tracking.lineage_tags(recipe, pipeline_run_id), tracking.TAG_STEP: "register"})
+    with run as active, tempfile.TemporaryDirectory(prefix="chat-model-") as scratch:
+        mlflow.pyfunc.save_model(
+            f"{scratch}/{CHAT_MODEL_PATH}", python_model=code, signature=signature, input_example=request,
+            model_config={WEIGHTS_URI: model_uri, "served_name": recipe.registered_model_name},
+            pip_requirements=[f"{name}=={installed_version(name)}" for name in CHAT_MODEL_REQUIREMENTS])
+        mlflow.log_artifacts(f"{scratch}/{CHAT_MODEL_PATH}", CHAT_MODEL_PATH)
+        return f"{active.info.artifact_uri.rstrip('/')}/{CHAT_MODEL_PATH}", active.info.run_id
+
+
 def register(recipe_uri: str, model_uri: str, evaluation_uri: str, pipeline_run_id: str,
              export_uri: str | None = None, data_uris: dict[str, str] | None = None,
              checkpoints: dict[str, str] | None = None) -> dict[str, Any]:
@@ -104,6 +161,7 @@ def register(recipe_uri: str, model_uri: str, evaluation_uri: str, pipeline_run_
     tags.update({f"{EVAL_TAG_PREFIX}{key.replace('/', '.')}": str(value) for key, value in gate["scores"].items()})
     tags.update({f"{TAG_CHECKPOINT_PREFIX}{stage}": uri for stage, uri in checkpoints.items()})
     tags[EVALUATION_URI_TAG] = evaluation_uri
+    tags[tracking.TAG_WEIGHTS] = model_uri
     if evaluated.get("mlflow_run_id"):
         tags[TAG_EVALUATION_RUN] = evaluated["mlflow_run_id"]
     if export_uri:
@@ -123,12 +181,13 @@ def register(recipe_uri: str, model_uri: str, evaluation_uri: str, pipeline_run_
     card = model_card(recipe, model_uri, gate, comparison, data, checkpoints,
                       gallery_links(evaluation_uri, evaluated, mlflow.get_tracking_uri()))
     existing = [v for v in client.search_model_versions(f"name = '{name}'", max_results=1000)
-                if v.source == model_uri and v.tags.get(tracking.TAG_PIPELINE_RUN) == pipeline_run_id]
+                if tracking.weights_uri(v) == model_uri and v.tags.get(tracking.TAG_PIPELINE_RUN) == pipeline_run_id]
     if existing:  # a retried or resumed pipeline step: the version this run already registered
         version = existing[0]
         print(f"[register] {name} v{version.version} already registered by run {pipeline_run_id}", flush=True)
     else:
-        version = client.create_model_version(name, source=model_uri, tags=tags, description=card)
+        source, run_id = log_chat_model(recipe, model_uri, pipeline_run_id)
+        version = client.create_model_version(name, source=source, run_id=run_id, tags=tags, description=card)
     for _ in range(60):  # S3 sources are READY at once; other stores may take a moment
         if client.get_model_version(name, version.version).status == "READY":
             break

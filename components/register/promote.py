@@ -33,6 +33,7 @@ import yaml
 
 from components.register import endpoint
 from components.register.core import CHAMPION, PREVIOUS, TAG_EXPORT, TAG_GATE, TAG_GATE_REASONS, RegistryError
+from onevision import tracking
 from onevision import storage
 
 OVERLAY_ROOT = Path("infra/gitops/endpoints")  # in the GitOps repository; infra/argocd's ApplicationSet reads it
@@ -150,7 +151,7 @@ def _apply(name: str, version: Any, env: str, canary: int | None, gitops_repo: s
         applied["canary"] = traffic(verb, canary, isvc["spec"]["predictor"].get("canaryTrafficPercent"), deployed)
         share = (f" (canary {applied['canary']}%)" if applied["canary"] is not None
                  else " (all traffic)" if deployed else " (first deployment: all traffic)")
-        return (overlay(isvc, version.source, applied["canary"], namespace, account),
+        return (overlay(isvc, tracking.weights_uri(version), applied["canary"], namespace, account),
                 f"{verb} {name} v{version.version} to {env}{share}")
 
     branch = f"{verb}/{name}/{env}/v{version.version}"

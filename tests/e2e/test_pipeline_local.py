@@ -200,7 +200,9 @@ def test_the_registered_version_carries_lineage_and_was_deployed(flow, gitops: P
     client = MlflowClient()
     (version,) = [v for v in client.search_model_versions(f"name = '{recipe.registered_model_name}'")
                   if v.tags.get(tracking.TAG_PIPELINE_RUN) == RUN]
-    assert version.source == f"{PREFIX}/stage2_ov/hf"
+    assert tracking.weights_uri(version) == f"{PREFIX}/stage2_ov/hf"
+    # its source is the pyfunc logged by the register step's run, under the pipeline's parent run
+    assert client.get_run(version.run_id).data.tags[tracking.TAG_STEP] == "register"
     tags = version.tags
     assert tags[tracking.TAG_RECIPE_HASH] == recipe.hash() and tags[TAG_GATE] == "true"
     assert tags[tracking.TAG_GIT_COMMIT] not in ("", "unknown")

@@ -72,7 +72,8 @@ def versions(local_stack, tmp_path_factory: pytest.TempPathFactory, tiny_recipe)
 def test_register_tags_card_and_candidate(versions: dict) -> None:
     client = MlflowClient()
     good = client.get_model_version(versions["name"], versions["good"]["version"])
-    assert good.source == versions["good_hf"]  # referenced in S3, not re-uploaded
+    assert tracking.weights_uri(good) == versions["good_hf"]  # referenced in S3, not re-uploaded
+    assert good.source != versions["good_hf"] and good.run_id  # the source is the pyfunc of the register run
     assert good.tags[TAG_GATE] == "true" and good.tags["onevision.eval.shapes_color.exact_match"] == "0.9"
     assert good.tags[tracking.TAG_PIPELINE_RUN] == "run-good" and good.tags[tracking.TAG_RECIPE_HASH]
     assert good.tags["onevision.checkpoint.stage2_ov"] == versions["good_hf"]
@@ -176,3 +177,49 @@ def test_register_components_compile(compiled_component) -> None:
 
     assert "comp-register-model" in compiled_component(register_model)["components"]
     assert "comp-deploy-endpoint" in compiled_component(deploy_endpoint)["components"]
+
+
+def test_version_loads_as_pyfunc_and_answers_a_chat(versions: dict, tmp_path: Path) -> None:
+    """`mlflow.pyfunc.load_model("models:/<name>@candidate")`: its predict answers a chat request with an
+    image, as the serving engine does over the same weights; the weights are not copied into MLflow."""
+    import base64
+
+    import mlflow
+    from mlflow.models import Model
+
+    import random
+
+    from model.shapes_world import png_bytes, render, sample_scene
+    from serving.engine import Engine
+    from serving.requests import parse_chat_request
+
+    name, client = versions["name"], MlflowClient()
+    candidate = client.get_model_version_by_alias(name, CANDIDATE)  # (promotions elsewhere in this module move it)
+    weights = tracking.weights_uri(candidate)
+    assert weights in (versions["good_hf"], versions["better_hf"])
+    local = Path(mlflow.artifacts.download_artifacts(candidate.source, dst_path=str(tmp_path / "pyfunc")))
+    files = [p for p in local.rglob("*") if p.is_file()]
+    assert not [p for p in files if p.suffix in (".safetensors", ".bin", ".pt")]
+    assert sum(p.stat().st_size for p in files) < 1 << 20  # code, MLmodel, example, requirements: no weights
+    logged = Model.load(str(local))
+    assert logged.flavors["python_function"]["config"]["weights_uri"] == weights
+    assert logged.signature.inputs.input_names() == ["messages"]
+    assert {p.name for p in logged.signature.params.params} == {"max_tokens", "temperature", "top_p", "seed"}
+    example = logged.load_input_example(str(local))
+    assert example["messages"][0]["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")
+
+    image = png_bytes(render(sample_scene(random.Random(0), color="blue")))
+    chat = {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(image).decode()}},
+        {"type": "text", "text": "What colour is the shape?"}]}]}
+    model = mlflow.pyfunc.load_model(f"models:/{name}@{CANDIDATE}")
+    (answer,) = model.predict(chat, params={"max_tokens": 6})
+    assert answer["object"] == "chat.completion" and answer["model"] == name
+    assert answer["choices"][0]["finish_reason"] in ("stop", "length") and answer["usage"]["completion_tokens"] <= 6
+    engine = Engine.load(weights)
+    (direct,) = engine.generate_batch([parse_chat_request({**chat, "max_tokens": 6}, engine.limits)])
+    assert answer["choices"][0]["message"]["content"] == direct.text  # greedy: the same answer as the engine
+    assert [a["choices"][0]["message"]["content"] for a in model.predict([chat, chat], params={"max_tokens": 6})] \
+        == [direct.text] * 2  # a list of requests: one answer each
+    with pytest.raises(Exception, match="messages"):
+        model.predict({"messages": []})
