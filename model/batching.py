@@ -19,7 +19,7 @@ visual) and similar lengths, which cuts padding; megabatch order is shuffled wit
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -231,9 +231,14 @@ class ModalityLengthGroupedSampler(Sampler[int]):
 
     def batches(self) -> list[list[int]]:
         rng = random.Random(self.seed * 1000003 + self.epoch)
+        return self._grouped(range(len(self.lengths)), rng)
+
+    def _grouped(self, indices: Iterable[int], rng: random.Random) -> list[list[int]]:
+        """`indices` in batches of one modality, length-sorted within megabatches, in shuffled order."""
         batches: list[list[int]] = []
+        indices = list(indices)
         for visual in (True, False):
-            group = [i for i, v in enumerate(self.is_visual) if v == visual]
+            group = [i for i in indices if self.is_visual[i] == visual]
             rng.shuffle(group)
             for start in range(0, len(group), self.megabatch):
                 mega = sorted(group[start: start + self.megabatch], key=lambda j: -self.lengths[j])
@@ -243,3 +248,36 @@ class ModalityLengthGroupedSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         return iter([i for batch in self.batches() for i in batch])
+
+
+class ShardWindowSampler(ModalityLengthGroupedSampler):
+    """ModalityLengthGroupedSampler over a window of shards at a time, for shards streamed from S3.
+
+    `shard_of[i]` is the shard of sample i. Each epoch the shards are shuffled and taken `window_shards` at
+    a time; the samples of a window are grouped as ModalityLengthGroupedSampler groups the whole set
+    (one modality per batch, length-sorted megabatches, shuffled batches), and the windows follow each
+    other. So reading needs only a window's shards on local disk (the cache cap), every sample comes once
+    per epoch, and the order is fixed by the seed and epoch (an exact resume skips the same batches).
+    """
+
+    def __init__(self, lengths: Sequence[int], is_visual: Sequence[bool], shard_of: Sequence[int], batch_size: int,
+                 window_shards: int = 8, megabatch_batches: int = 16, seed: int = 0):
+        super().__init__(lengths, is_visual, batch_size, megabatch_batches, seed)
+        if len(shard_of) != len(lengths):
+            raise ValueError("shard_of and lengths differ in size")
+        if window_shards < 1:
+            raise ValueError(f"window_shards must be at least 1, got {window_shards}")
+        self.window_shards = window_shards
+        self.by_shard: dict[int, list[int]] = {}
+        for i, shard in enumerate(shard_of):
+            self.by_shard.setdefault(int(shard), []).append(i)
+
+    def batches(self) -> list[list[int]]:
+        rng = random.Random(self.seed * 1000003 + self.epoch)
+        shards = sorted(self.by_shard)
+        rng.shuffle(shards)
+        batches: list[list[int]] = []
+        for start in range(0, len(shards), self.window_shards):
+            window = shards[start: start + self.window_shards]
+            batches += self._grouped((i for shard in window for i in self.by_shard[shard]), rng)
+        return batches

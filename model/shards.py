@@ -7,22 +7,28 @@
 Each sample is a group of members sharing a key: `<key>.json` (the LLaVA record, its media paths
 rewritten to member names such as `img0.png`) and `<key>.img0.png`, `<key>.vid0.mp4`, ... - the layout
 webdataset readers and writers use. Shards on S3 are fetched once into a local cache, verified against
-the publish manifest (sha256), and indexed by tar offsets, so samples are random-access: a seeded sampler
-gives a reproducible order and a resumed run can skip exactly the batches it has seen.
+the publish manifest (sha256). The index written beside them (index.parquet: tar offsets, num_tokens,
+modality per sample) makes samples random-access without scanning a tar: a seeded sampler gives a
+reproducible order and a resumed run can skip exactly the batches it has seen.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
-import tarfile
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from torch.utils.data import Dataset
 
+from model.shard_cache import ShardCache
+from model.shard_index import INDEX_NAME, index_shards, read_index, write_index
 from onevision import storage
 
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
@@ -35,7 +41,8 @@ def shard_key(sample_id: str, index: int) -> str:
 
 def write_shards(samples: Iterable[tuple[dict[str, Any], Mapping[str, bytes]]], out_dir: str | Path,
                  max_per_shard: int = 1000, prefix: str = "shard", max_bytes: int = 3 << 30) -> list[Path]:
-    """Write (record, {original media path: bytes}) pairs as tar shards; returns the shard paths.
+    """Write (record, {original media path: bytes}) pairs as tar shards, and their index (index.parquet,
+    model/shard_index.py); returns the shard paths.
 
     A shard closes at `max_per_shard` samples or `max_bytes`. Member times are fixed (mtime 0), so the
     same samples give byte-identical shards.
@@ -63,6 +70,7 @@ def write_shards(samples: Iterable[tuple[dict[str, Any], Mapping[str, bytes]]], 
                 record[field] = names[0] if isinstance(paths, str) else names
             members["json"] = json.dumps(record).encode()
             sink.write(members)
+    write_index(index_shards(sorted(out.glob("*.tar"))), out / INDEX_NAME)  # every tar of the folder
     return sorted(out.glob(f"{prefix}-*.tar"))
 
 
@@ -81,71 +89,142 @@ def open_shards(uri: str, cache_dir: str | Path | None = None) -> list[Path]:
         local = Path(cache_dir or tempfile.mkdtemp(prefix="onevision-shards-")) / storage.parse_s3(uri).key
         storage.get_dir(uri, local)
         shards = sorted(local.glob("*.tar"))
+        if shards and INDEX_NAME not in storage.read_manifest(uri)["files"]:
+            # curated before the index: built once into the cache, for this very publication (manifest hash)
+            stamp, digest = local / f"{INDEX_NAME}.manifest", storage.manifest_hash(uri)
+            if not (local / INDEX_NAME).is_file() or not stamp.is_file() or stamp.read_text() != digest:
+                print(f"[shards] {uri}: no {INDEX_NAME} (curated before curation wrote one): indexing "
+                      f"{len(shards)} shard(s) from their tar headers once, into {local / INDEX_NAME}", flush=True)
+                write_index(index_shards(shards), local / INDEX_NAME)
+                stamp.write_text(digest)
     if not shards:
         raise FileNotFoundError(f"{uri}: no .tar shards")
     return shards
 
 
-@dataclass(frozen=True)
-class _Entry:
-    shard: int
-    key: str
-    members: dict[str, tuple[int, int]]  # member suffix -> (data offset, size)
-
-
 class ShardDataset(Dataset):
-    """Random access to the samples of local tar shards, each processed by a SampleProcessor."""
+    """Random access to the samples of local tar shards, each processed by a SampleProcessor.
 
-    def __init__(self, shards: list[Path], sample_processor: Any = None):
-        self.shards = [Path(s) for s in shards]
+    Where the samples lie comes from the shards' index (model/shard_index.py: `index.parquet` beside them,
+    written at curation), so opening a stage reads no tar; shards without one (curated before the index)
+    are indexed from their tar headers, with a message saying so."""
+
+    def __init__(self, shards: list[Path], sample_processor: Any = None, index: pa.Table | None = None,
+                 cache: ShardCache | None = None):
+        self.shards = [Path(s) for s in shards]  # with `cache`: where the cache puts them (fetched on use)
         self.sample_processor = sample_processor
-        self.entries: list[_Entry] = []
-        for index, shard in enumerate(self.shards):
-            grouped: dict[str, dict[str, tuple[int, int]]] = {}
-            with tarfile.open(shard, "r:") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    key, _, suffix = Path(member.name).name.partition(".")
-                    grouped.setdefault(key, {})[suffix] = (member.offset_data, member.size)
-            self.entries += [_Entry(index, key, members) for key, members in grouped.items() if "json" in members]
+        self.cache = cache
+        self.index = index if index is not None else load_index(self.shards)
+        shard_of = pc.index_in(self.index.column("shard"), value_set=pa.array([s.name for s in self.shards], pa.string()))
+        if shard_of.null_count:
+            missing = sorted(set(pc.filter(self.index.column("shard"), pc.is_null(shard_of)).to_pylist()))
+            raise ValueError(f"the shard index names shards that were not given: {missing[:3]}")
+        shard_of = shard_of.to_numpy()
+        order = np.argsort(shard_of, kind="stable")  # samples numbered in shard order, then write order
+        self.index = self.index.take(pa.array(order)) if not np.array_equal(order, np.arange(len(order))) else self.index
+        self._shard = shard_of[order].astype(np.int32)  # (N,) position in self.shards
+        self._members = self.index.column("members").combine_chunks()
+        self._offsets = self.index.column("offsets").combine_chunks()
+        self._sizes = self.index.column("sizes").combine_chunks()
+        self._fds: dict[int, int] = {}
+        self._pid = os.getpid()
 
     def __len__(self) -> int:
-        return len(self.entries)
+        return self.index.num_rows
 
-    def _read(self, entry: _Entry, suffix: str) -> bytes:
-        offset, size = entry.members[suffix]
-        with open(self.shards[entry.shard], "rb") as stream:
-            stream.seek(offset)
-            return stream.read(size)
+    def _fd(self, shard: int) -> int:
+        if self._pid != os.getpid():  # a forked DataLoader worker: descriptors of its own
+            self._fds, self._pid = {}, os.getpid()
+        if shard not in self._fds:
+            self._fds[shard] = os.open(self.shards[shard], os.O_RDONLY)
+        return self._fds[shard]
+
+    def _members_of(self, index: int) -> dict[str, tuple[int, int]]:
+        """member suffix -> (offset, size) of sample `index`."""
+        return dict(zip(self._members[index].as_py(), zip(self._offsets[index].as_py(), self._sizes[index].as_py())))
+
+    def _read(self, index: int, suffixes: list[str] | None = None) -> dict[str, bytes]:
+        """The bytes of sample `index`'s members (all of them by default), read by offset (no seek: os.pread
+        is safe across threads). A streamed shard is opened for the sample and closed after it; one that
+        another process evicted between fetch and open is fetched again."""
+        members = self._members_of(index)
+        shard = int(self._shard[index])
+        if self.cache is None:
+            fd = self._fd(shard)
+        else:
+            try:
+                fd = os.open(self.cache.path(self.shards[shard].name), os.O_RDONLY)
+            except FileNotFoundError:
+                fd = os.open(self.cache.path(self.shards[shard].name), os.O_RDONLY)
+        try:
+            return {s: os.pread(fd, members[s][1], members[s][0]) for s in (suffixes or list(members))}
+        finally:
+            if self.cache is not None:
+                os.close(fd)
 
     def record(self, index: int) -> dict[str, Any]:
-        return json.loads(self._read(self.entries[index], "json"))
+        return json.loads(self._read(index, ["json"])["json"])
 
     def raw(self, index: int) -> tuple[dict[str, Any], dict[str, bytes]]:
         """(record, {member name: bytes}) without processing."""
-        entry = self.entries[index]
-        media = {s: self._read(entry, s) for s in entry.members if s != "json"}
-        return self.record(index), media
+        media = self._read(index)
+        return json.loads(media.pop("json")), media
+
+    def shard_of(self) -> list[int]:
+        """Each sample's shard (its position in self.shards): what ShardWindowSampler windows over."""
+        return self._shard.tolist()
+
+    @classmethod
+    def streaming(cls, uri: str, cache_dir: str | Path, cap_bytes: int, sample_processor: Any = None) -> ShardDataset:
+        """The published stage at `uri` (s3://) read in place: only its manifest and index are fetched now,
+        each shard on first use into a ShardCache of at most `cap_bytes` under `cache_dir` (oldest evicted).
+        A stage published without an index is downloaded whole and indexed once (a message says so)."""
+        try:
+            files = storage.read_manifest(uri)["files"]
+        except storage.ManifestMissingError as err:
+            raise FileNotFoundError(f"{uri}: no published shards ({err})") from None
+        names = sorted(name for name in files if name.endswith(".tar"))
+        if not names:
+            raise FileNotFoundError(f"{uri}: no .tar shards")
+        folder = Path(cache_dir) / storage.parse_s3(uri).key
+        if INDEX_NAME not in files:
+            print(f"[shards] {uri}: no {INDEX_NAME}, so it cannot be streamed: downloading the whole stage",
+                  flush=True)
+            return cls(open_shards(uri, cache_dir), sample_processor)
+        cache = ShardCache(uri, folder, cap_bytes, files)
+        index_path = storage.get_file(storage.join(uri, INDEX_NAME), folder / INDEX_NAME)
+        if storage.sha256_file(index_path) != files[INDEX_NAME]["sha256"]:
+            raise storage.StorageError(f"{storage.join(uri, INDEX_NAME)}: sha256 differs from the manifest")
+        return cls([folder / name for name in names], sample_processor, index=read_index(index_path), cache=cache)
 
     def __getitem__(self, index: int) -> Any:
         record, media = self.raw(index)
         return self.sample_processor(record, media=media)
 
     def lengths(self) -> tuple[list[int], list[bool]]:
-        """Cheap per-sample (length estimate, is_visual) for the modality-length sampler.
-
-        Uses `meta.num_tokens` when curation wrote it, else words of the conversation + 128 per
-        visual input (LLaVA-NeXT's modality_lengths estimate).
-        """
-        lengths, visual = [], []
-        for i in range(len(self)):
-            record = self.record(i)
-            media = [v for k in ("image", "video") for v in ([record[k]] if isinstance(record.get(k), str) else record.get(k) or [])]
-            tokens = (record.get("meta") or {}).get("num_tokens")
-            if tokens is None:
-                words = sum(len(str(t.get("value", "")).split()) for t in record.get("conversations", []))
-                tokens = words + 128 * len(media)
-            lengths.append(int(tokens))
-            visual.append(bool(media))
+        """Per-sample (length estimate, is_visual) for the modality-length sampler, from the index:
+        `meta.num_tokens` when curation wrote it, else words of the conversation + 128 per visual input
+        (LLaVA-NeXT's modality_lengths estimate)."""
+        lengths = self.index.column("num_tokens").to_numpy().astype(int).tolist()
+        visual = pc.not_equal(self.index.column("modality"), "text").to_numpy(zero_copy_only=False).tolist()
         return lengths, visual
+
+    def __del__(self) -> None:
+        for fd in getattr(self, "_fds", {}).values() if getattr(self, "_pid", None) == os.getpid() else ():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def load_index(shards: list[Path]) -> pa.Table:
+    """The index rows of `shards` from the index.parquet beside them, or (none there, or it lacks one of
+    them) an index built now from their tar headers."""
+    names = sorted({s.name for s in shards})
+    path = shards[0].parent / INDEX_NAME if shards else None
+    if path is not None and path.is_file():
+        table = read_index(path)
+        table = table.filter(pc.is_in(table.column("shard"), value_set=pa.array(names)))
+        if set(pc.unique(table.column("shard")).to_pylist()) == set(names):
+            return table
+    print(f"[shards] {shards[0].parent if shards else '-'}: no {INDEX_NAME} for these shards (curated before "
+          f"curation wrote one): indexing {len(shards)} shard(s) from their tar headers, once", flush=True)
+    return index_shards(shards)

@@ -31,7 +31,8 @@ from typing import Any
 import torch
 
 from model import metrics
-from model.batching import Collator, ModalityLengthGroupedSampler, PackedCollator, use_varlen_sdpa
+from model.batching import (Collator, ModalityLengthGroupedSampler, PackedCollator, ShardWindowSampler,
+                            use_varlen_sdpa)
 from model.builder import build_model_and_processor, configure_stage
 from model.checkpoints import (CheckpointError, CheckpointPublisher, fetch_checkpoint, fetch_own_part,
                                latest_complete_checkpoint, merge_zero_checkpoint)
@@ -87,13 +88,22 @@ def build_datasets(recipe: Recipe, stage: StageSpec, stage_name: str, processor:
     template = "plain" if stage_name == "stage1" else "qwen_1_5"
     sp = SampleProcessor(processor, template, stage.model_max_length, video_frames=stage.video_frames,
                          square=stage.image_aspect_ratio == "square")
-    dataset = ShardDataset(open_shards(data_uri, cache_dir), sp)
+    if recipe.training.shard_cache_gb and storage.is_s3(data_uri):  # read in place, a window of shards at a time
+        dataset = ShardDataset.streaming(data_uri, cache_dir / "stream", int(recipe.training.shard_cache_gb * 2**30), sp)
+    else:
+        dataset = ShardDataset(open_shards(data_uri, cache_dir), sp)
     if len(dataset) == 0:
         raise TrainingError(f"{stage_name}: the dataset at {data_uri} has no samples")
     holdout = min(holdout, len(dataset) // 10)
     indices = list(range(len(dataset)))
-    # the held-out slice is a fixed, seeded choice so that before/after losses compare like with like
-    held = set(torch.randperm(len(dataset), generator=torch.Generator().manual_seed(recipe.training.seed))[:holdout].tolist())
+    # the held-out slice is a fixed, seeded choice so that before/after losses compare like with like;
+    # streamed, it is drawn from the last shards only, so that measuring it fetches a few shards, not all
+    candidates = indices
+    if dataset.cache is not None:  # the 10 x holdout samples of the last shards
+        shard_of = dataset.shard_of()
+        candidates = sorted(sorted(indices, key=lambda i: -shard_of[i])[:10 * holdout])
+    order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(recipe.training.seed))
+    held = {candidates[j] for j in order[:holdout].tolist()}
     train = torch.utils.data.Subset(dataset, [i for i in indices if i not in held])
     evaluation = torch.utils.data.Subset(dataset, sorted(held)) if held else None
     return train, evaluation
@@ -194,6 +204,11 @@ def make_trainer(recipe: Recipe, stage: StageSpec, stage_name: str, args: Any, m
             lengths, visual = base.lengths()
             keep = self.train_dataset.indices
             # batches of one *global* batch: the same samples meet in a step at any world size
+            if base.cache is not None:  # streamed: a window of shards at a time (the cache holds a window)
+                shard_of = base.shard_of()
+                return ShardWindowSampler([lengths[i] for i in keep], [visual[i] for i in keep],
+                                          [shard_of[i] for i in keep], batch_size=global_batch,
+                                          window_shards=recipe.training.shard_window, seed=recipe.training.seed)
             return ModalityLengthGroupedSampler([lengths[i] for i in keep], [visual[i] for i in keep],
                                                 batch_size=global_batch, seed=recipe.training.seed)
 

@@ -244,6 +244,11 @@ class TrainingSpec(_Strict):
     # Padding-free batches: each micro-batch's samples concatenated into one row, position ids restarting
     # per sample, attention kept within each sample (model/batching.py). False: rows padded to the longest.
     packing: bool = False
+    # Streaming (s3:// stages): shards are fetched as the sampler reaches them into a local cache of at most
+    # this many GiB (least recently used evicted), `shard_window` shards at a time (model/shard_cache.py,
+    # batching.ShardWindowSampler). None: the train step downloads the whole stage before step 1.
+    shard_cache_gb: float | None = Field(None, gt=0)
+    shard_window: int = Field(8, ge=1)
 
 
 class EvalTask(_Strict):

@@ -155,6 +155,7 @@ def check_record(record: Any, media: dict[str, bytes | str], limits: Limits) -> 
         return reject("video_not_allowed", "video sample in a stage without video_frames")
     hasher = hashlib.sha256()
     phashes = []
+    frames = 0  # video frames sampled for training (the shard index's `frames`)
     for rel in images + videos:
         data = media.get(rel) if isinstance(rel, str) else None
         if not isinstance(data, bytes):
@@ -168,7 +169,7 @@ def check_record(record: Any, media: dict[str, bytes | str], limits: Limits) -> 
                 phashes.append(_phash(image))
         else:
             try:
-                load_video(rel, limits.video_frames, data=data)
+                frames += len(load_video(rel, limits.video_frames, data=data))
             except MediaError as err:
                 return reject("video_unreadable", str(err))
         hasher.update(hashlib.sha256(data).digest())
@@ -184,7 +185,7 @@ def check_record(record: Any, media: dict[str, bytes | str], limits: Limits) -> 
     hasher.update(text.encode())
     folded = " ".join(text.lower().split())
     kept = {**record, "meta": {**(record.get("meta") or {}), "modality": modality(record), "task_type": task,
-                               "num_tokens": n_tokens}}
+                               "num_tokens": n_tokens, "images": len(images), "frames": frames}}
     return Verdict(None, None, kept, hasher.hexdigest(), hashlib.sha256(folded.encode()).hexdigest(),
                    tuple(phashes), modality(record), task, n_tokens, normalised, moved)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from model.builder import build_tiny, load_pretrained
+from model.shard_index import INDEX_NAME
 from model.shards import ShardDataset, open_shards, write_shards
 from onevision import storage
 from onevision.recipe import load_recipe
@@ -44,3 +45,17 @@ def test_shards_stream_from_s3(local_stack, tmp_path: Path) -> None:
     storage.publish_dir(tmp_path / "shards", "s3://onevision/tests/shards/s1")
     dataset = ShardDataset(open_shards("s3://onevision/tests/shards/s1", cache_dir=tmp_path / "cache"))
     assert sorted(dataset.record(i)["id"] for i in range(len(dataset))) == [f"t{i}" for i in range(5)]
+
+
+def test_a_stage_curated_before_the_index_is_indexed_once_into_the_cache(local_stack, tmp_path: Path, capsys) -> None:
+    records = [({"id": f"o{i}", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}, {})
+               for i in range(5)]
+    write_shards(records, tmp_path / "shards", max_per_shard=2)
+    (tmp_path / "shards" / INDEX_NAME).unlink()  # what curation published before it wrote an index
+    storage.publish_dir(tmp_path / "shards", "s3://onevision/tests/shards/old")
+    first = ShardDataset(open_shards("s3://onevision/tests/shards/old", cache_dir=tmp_path / "cache"))
+    assert f"no {INDEX_NAME}" in capsys.readouterr().out
+    again = ShardDataset(open_shards("s3://onevision/tests/shards/old", cache_dir=tmp_path / "cache"))
+    assert "no index" not in capsys.readouterr().out  # indexed once: the cache keeps it
+    assert [again.record(i)["id"] for i in range(5)] == [first.record(i)["id"] for i in range(5)] == \
+        [f"o{i}" for i in range(5)]

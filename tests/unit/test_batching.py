@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.batching import Collator, ModalityLengthGroupedSampler, collate_packed, pack_greedy
+from model.batching import Collator, ModalityLengthGroupedSampler, ShardWindowSampler, collate_packed, pack_greedy
 from model.processing import SampleProcessor
 
 
@@ -80,3 +80,46 @@ def test_sampler_groups_by_modality_and_length_and_is_seeded() -> None:
     assert list(sampler) != order
     with pytest.raises(ValueError):
         ModalityLengthGroupedSampler([1, 2], [True], 1)
+
+
+def test_window_sampler_reads_a_window_of_shards_at_a_time_and_every_sample_once() -> None:
+    rng = torch.Generator().manual_seed(1)
+    shard_of = [i // 10 for i in range(120)]  # 12 shards of 10
+    lengths = torch.randint(10, 1000, (120,), generator=rng).tolist()
+    visual = [i % 4 != 0 for i in range(120)]
+    sampler = ShardWindowSampler(lengths, visual, shard_of, batch_size=4, window_shards=3, megabatch_batches=2, seed=5)
+    assert sorted(sampler) == list(range(120))  # every sample once per epoch
+    batches = sampler.batches()
+    assert all(len({visual[i] for i in batch}) == 1 for batch in batches), "one modality per batch"
+    # the shards touched so far grow a window at a time: at most 3 distinct shards per window of batches
+    seen_windows, current = [], set()
+    for batch in batches:
+        shards = {shard_of[i] for i in batch}
+        if not shards <= current and len(current | shards) > 3:
+            seen_windows.append(current)
+            current = set()
+        current |= shards
+    seen_windows.append(current)
+    assert len(seen_windows) == 4 and all(len(w) == 3 for w in seen_windows)
+    assert list(ShardWindowSampler(lengths, visual, shard_of, 4, 3, 2, seed=5)) == list(sampler)  # seeded
+    sampler.set_epoch(1)
+    assert list(sampler) != list(ShardWindowSampler(lengths, visual, shard_of, 4, 3, 2, seed=5))
+    with pytest.raises(ValueError, match="window_shards"):
+        ShardWindowSampler(lengths, visual, shard_of, 4, window_shards=0)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_split_the_window_sampler_into_disjoint_parts_covering_the_epoch(world: int) -> None:
+    """What the Trainer does with our sampler on `world` ranks (accelerate's BatchSamplerShard): each rank
+    reads its own samples, and together they read every sample exactly once per epoch."""
+    from accelerate.data_loader import BatchSamplerShard
+
+    n = 4 * world * 12  # whole batches for every rank
+    shard_of = [i // 16 for i in range(n)]
+    sampler = ShardWindowSampler([10 + i % 7 for i in range(n)], [True] * n, shard_of, batch_size=4 * world,
+                                 window_shards=2, seed=3)
+    batches = torch.utils.data.BatchSampler(sampler, batch_size=4, drop_last=False)
+    parts = [[i for batch in BatchSamplerShard(batches, num_processes=world, process_index=rank) for i in batch]
+             for rank in range(world)]
+    assert all(len(set(a) & set(b)) == 0 for r, a in enumerate(parts) for b in parts[r + 1:])
+    assert sorted(i for part in parts for i in part) == list(range(n))
