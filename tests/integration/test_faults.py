@@ -284,6 +284,45 @@ def test_three_sigkills_at_random_points_then_the_uninterrupted_weights(tmp_path
     assert same_weights(reference["weights"], weights(out)) == []
 
 
+def test_streamed_training_killed_then_resumed_gives_the_uninterrupted_weights(tmp_path: Path, world,
+                                                                                 local_stack) -> None:
+    """training.shard_cache_gb: the stage is read from S3 through a cache of three shards (of eight), a
+    window of two shards at a time. One run straight through; one SIGKILLed after a few steps, resumed in a
+    fresh work dir (a new pod: an empty cache). Same losses, same weights; the cache never held the stage."""
+    import yaml
+
+    from model.shards import write_shards
+
+    recipe, data = world
+    local = ShardDataset(open_shards(str(data)))
+    write_shards((local.raw(i) for i in range(len(local))), tmp_path / "resharded", max_per_shard=len(local) // 8 + 1)
+    largest = max(p.stat().st_size for p in (tmp_path / "resharded").glob("*.tar"))
+    shards = len(list((tmp_path / "resharded").glob("*.tar")))
+    uri = f"s3://onevision/tests/faults/streamed-{uuid.uuid4().hex[:8]}"
+    storage.publish_dir(tmp_path / "resharded", uri)
+    streamed = tmp_path / "streamed.yaml"
+    streamed.write_text(yaml.safe_dump({"extends": str(recipe), "training": {
+        "shard_cache_gb": 3 * largest / 2**30, "shard_window": 2}}))
+
+    done, straight = train(streamed, "stage1", uri, tmp_path / "ref", env=UNTRACKED)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    cache = tmp_path / "ref-work" / "data" / "stream" / storage.parse_s3(uri).key
+    assert 0 < len(list(cache.glob("*.tar"))) <= 3 < shards  # never the whole stage on local disk
+
+    out = tmp_path / "out"
+    proc = train(streamed, "stage1", uri, out, "--work-dir", str(tmp_path / "pod-1"),
+                 env={**UNTRACKED, "PYTHONUNBUFFERED": "1"}, wait=False)
+    lines = kill_when(proc, lambda lines: sum(x.startswith("[progress] stage1 step ") for x in lines) >= 5, 0.01)
+    assert proc.returncode == -signal.SIGKILL, "".join(lines)[-3000:]
+    done, resumed = train(streamed, "stage1", uri, out, "--work-dir", str(tmp_path / "pod-2"), env=UNTRACKED)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "resuming from" in done.stdout + done.stderr
+    assert resumed["losses"] == straight["losses"][-len(resumed["losses"]):]
+    for key in ("train_loss", "eval_loss_before", "eval_loss_after"):
+        assert resumed[key] == straight[key], key
+    assert same_weights(weights(tmp_path / "ref"), weights(out)) == []
+
+
 # --- 4. the disk fills up during curation ----------------------------------------------------------------
 
 def test_disk_full_during_curation_publishes_nothing(tmp_path: Path, world, monkeypatch) -> None:
