@@ -42,6 +42,11 @@ BENCHMARKS: list[dict[str, Any]] = [
     {"name": "curation", "module": "benchmarks.bench_curation", "title": "curation",
      "measures": "records/s through curate_stage (validation, dedup, shards, card, publish)",
      "baseline": "decode-only loop over the same images, one process", "gpu": False, "timeout": 600},
+    {"name": "data_scale", "module": "benchmarks.bench_data_scale", "title": "training data at scale",
+     "measures": "time to first batch, peak RSS and local disk of a training process opening a 10k and a "
+                 "200k-record stage on S3 (streamed through a capped shard cache)",
+     "baseline": "download-all: every shard fetched before the first batch (the train step before streaming)",
+     "gpu": False, "timeout": 900},
     {"name": "training", "module": "benchmarks.bench_training", "title": "training",
      "measures": "non-padding tokens/s on the OneVision-shaped mix (synthetic://shapes/ov_mix): packed and "
                  "padded make_trainer",

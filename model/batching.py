@@ -22,6 +22,7 @@ import random
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Sampler
 
@@ -268,16 +269,23 @@ class ShardWindowSampler(ModalityLengthGroupedSampler):
         if window_shards < 1:
             raise ValueError(f"window_shards must be at least 1, got {window_shards}")
         self.window_shards = window_shards
-        self.by_shard: dict[int, list[int]] = {}
-        for i, shard in enumerate(shard_of):
-            self.by_shard.setdefault(int(shard), []).append(i)
+        shard_of = np.asarray(shard_of, dtype=np.int64)
+        order = np.argsort(shard_of, kind="stable")  # (N,) sample ids grouped by shard, in id order
+        shards, starts = np.unique(shard_of[order], return_index=True)
+        self.by_shard = {int(shard): order[start:end] for shard, start, end
+                         in zip(shards, starts, [*starts[1:], len(order)], strict=True)}
 
-    def batches(self) -> list[list[int]]:
+    def window_batches(self) -> Iterator[list[int]]:
+        """The epoch's batches, a window at a time (lazily: the first batch costs one window's grouping)."""
         rng = random.Random(self.seed * 1000003 + self.epoch)
         shards = sorted(self.by_shard)
         rng.shuffle(shards)
-        batches: list[list[int]] = []
         for start in range(0, len(shards), self.window_shards):
             window = shards[start: start + self.window_shards]
-            batches += self._grouped((i for shard in window for i in self.by_shard[shard]), rng)
-        return batches
+            yield from self._grouped(np.concatenate([self.by_shard[s] for s in window]).tolist(), rng)
+
+    def batches(self) -> list[list[int]]:
+        return list(self.window_batches())
+
+    def __iter__(self) -> Iterator[int]:
+        return (i for batch in self.window_batches() for i in batch)
