@@ -40,6 +40,7 @@ from model.processing import SampleProcessor
 from model.shards import ShardDataset, open_shards
 from onevision import storage, tracking
 from onevision.recipe import STAGE_NAMES, Recipe, StageSpec, load_recipe, numel, part_of
+from onevision.cli_exit import run_command
 
 EXIT_USAGE, EXIT_FAILED = 2, 3
 
@@ -438,4 +439,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command("train", main))

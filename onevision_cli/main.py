@@ -28,13 +28,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from onevision.cli_exit import one_line
+
 if TYPE_CHECKING:
     from onevision.stack import StackInfo
-
-
-def _one_line(err: BaseException) -> str:
-    """An error's message on one line, whatever its source (a log tail, a wrapped exception)."""
-    return " ".join(str(err).split()) or type(err).__name__
 
 
 def _recipe_validate(args: argparse.Namespace) -> int:
@@ -72,7 +69,7 @@ def _recipe_plan(args: argparse.Namespace) -> int:
         plan = plan_recipe(recipe, args.gpus_per_node, args.gpu_memory_gb, args.nodes,
                            args.text_tokens or DEFAULT_TEXT_TOKENS)
     except (RecipeError, PlanError) as err:
-        print(f"plan: {_one_line(err)}", file=sys.stderr)
+        print(f"plan: {one_line(err)}", file=sys.stderr)
         return 1
     print(plan.render())
     for line in plan.refusals():
@@ -129,7 +126,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"\nrun FAILED: {err}", file=sys.stderr)
         return 1
     except (stack.StackError, StorageError, OSError) as err:  # a port taken, no git, a full disk...
-        print(f"run: {_one_line(err)}", file=sys.stderr)
+        print(f"run: {one_line(err)}", file=sys.stderr)
         return 1
     print_summary(summary)
     print(f"wall time {summary['wall_s']:.0f} s")
@@ -227,7 +224,7 @@ def _promote(args: argparse.Namespace) -> int:
         else:
             result = rollback(args.name, args.env, args.gitops_repo)
     except (RegistryError, MlflowException) as err:  # e.g. no such model or version
-        print(f"{args.command}: {_one_line(err)}", file=sys.stderr)
+        print(f"{args.command}: {one_line(err)}", file=sys.stderr)
         return 1
     print(json.dumps(result, indent=1))
     return 0

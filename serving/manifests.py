@@ -31,10 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+import sys
 
 from onevision import PROJECT_IMAGE
 from onevision.recipe import DeployTarget, Recipe, load_recipe
 from serving.sizing import CPU_MEMORY_LIMIT_GIB, GIB, MemoryEstimate, check_fits
+from onevision.cli_exit import run_command
 
 TRITON_IMAGE = PROJECT_IMAGE.replace("/platform:", "/platform-triton:")  # infra/images/Dockerfile.triton
 SERVICE_ACCOUNT = "onevision-serving"
@@ -263,4 +265,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command("manifests", main))

@@ -37,6 +37,7 @@ from components.evaluate import gallery
 from components.evaluate.offline import TASKS_DIR, is_offline, write_offline_data
 from onevision import storage
 from onevision.recipe import EvalTask, Recipe, load_recipe
+from onevision.cli_exit import run_command
 
 EVAL_TAG_PREFIX = "onevision.eval."  # model-version tags: onevision.eval.<task>.<metric> = value
 CHAMPION_ALIAS = "champion"
@@ -307,4 +308,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command("evaluate", main))

@@ -15,11 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+import sys
 from pathlib import Path
 from typing import Any
 
 from onevision import storage
 from onevision.recipe import load_recipe
+from onevision.cli_exit import run_command
 
 
 def run(recipe_uri: str, model_uri: str, out_uri: str, work_dir: str | None = None) -> dict[str, Any]:
@@ -60,4 +62,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command("export", main))

@@ -26,6 +26,7 @@ from typing import Any
 
 from onevision import storage, tracking
 from onevision.recipe import STAGE_NAMES, load_recipe
+from onevision.cli_exit import run_command
 
 # dsl.PipelineTaskFinalStatus.state -> MLflow run status (KFP says CANCELED; kfp.local and Vertex CANCELLED)
 RUN_STATUS = {"SUCCEEDED": "FINISHED", "CANCELED": "KILLED", "CANCELLED": "KILLED"}
@@ -151,4 +152,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command("finish", main))

@@ -38,6 +38,7 @@ from components.curate.datarecipe import DataRecipe
 from components.curate.sources import missing_inputs
 from onevision import storage, tracking
 from onevision.recipe import STAGE_NAMES, Recipe, RecipeError, dump_recipe, load_recipe, parse_recipe
+from onevision.cli_exit import run_command
 
 # pipeline parameter value 0 means "the recipe's None" for these optional fields
 ZERO_IS_NONE = {"max_steps", "vision_tower_lr"}
@@ -237,4 +238,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command("preflight", main))

@@ -24,6 +24,7 @@ import importlib.util
 import json
 import tempfile
 import time
+import sys
 from importlib.metadata import version as installed_version
 from typing import Any
 
@@ -31,6 +32,7 @@ from typing import Any
 from components.evaluate.core import EVAL_TAG_PREFIX, EVALUATION_URI_TAG
 from onevision import storage, tracking
 from onevision.recipe import Recipe, load_recipe
+from onevision.cli_exit import run_command
 
 TAG_GATE = "onevision.gate_passed"
 TAG_GATE_REASONS = "onevision.gate_reasons"
@@ -211,4 +213,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command("register", main))

@@ -29,6 +29,7 @@ from typing import Any
 
 from onevision import storage
 from onevision.recipe import load_recipe
+from onevision.cli_exit import run_command
 
 
 class TrainStepError(RuntimeError):
@@ -166,4 +167,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command("train-step", main))
