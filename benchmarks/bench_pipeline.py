@@ -6,12 +6,13 @@
 Both runs execute the tiny recipe's whole flow on a private local stack (SeaweedFS S3 + MLflow on free
 loopback ports, in a temporary state folder, stopped afterwards), on two run ids:
 - ours ("DAG"): `pipelines.local.run_local` - the DAG of pipelines/onevision.py under kfp.local's
-  SubprocessRunner: preflight, curate x4, train x4, evaluate x2, export, register, deploy, each task a
+  SubprocessRunner: preflight, curate x4, train x4, evaluate x2, export, register, deploy, finish, each task a
   fresh Python subprocess (kfp executor, component imports, artifacts on disk).
 - baseline ("direct"): the same cores (components/*/core.py) called in this one process, in the DAG's
-  dependency order (kfp.local happens to run the four curations first; the sum is the same), with the
-  same arguments (the pipeline's parameter defaults and overrides, via
-  `pipelines.onevision.parameter_defaults` / `_overrides`), each in its own scratch folder.
+  dependency order (kfp.local happens to run the four curations first; the sum is the same), the exit
+  handler's (finish: end the parent MLflow run) last, with the same arguments (the pipeline's parameter
+  defaults and overrides, via `pipelines.onevision.parameter_defaults` / `_overrides`), each in its own
+  scratch folder.
 The cores themselves start what they start in both runs (training runs `python -m model.train`,
 evaluation `python -m lmms_eval`), so the difference is what the orchestration adds.
 Reported: wall of each run (ratio = direct / DAG: < 1 means orchestration costs that fraction), seconds
@@ -46,7 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("shapes_color", "shapes_mc", "shapes_multi_image", "shapes_video")
 # step kind -> (DAG component name prefix, label)
 KINDS = {"preflight": "preflight", "curate": "curate", "train-stage": "train", "evaluate": "evaluate",
-         "export": "export", "register-model": "register", "deploy-endpoint": "deploy"}
+         "export": "export", "register-model": "register", "deploy-endpoint": "deploy",
+         "finish-pipeline-run": "finish"}
 SETTINGS = {  # full: the recipe's DAG, 4 steps of batch 32 per stage, 400 records per source, 8 samples per eval task
     # quick: one evaluation (after Stage-2 OV, one task), 2 steps of batch 8 per stage, 200 records per source
     True: {"steps": 2, "batch": 8, "after_stages": ["stage2_ov"], "tasks": ["shapes_color"], "limit": 4, "n": 200},
@@ -129,6 +131,7 @@ def run_direct(recipe_path: Path, run_id: str, gitops: str, params: dict[str, An
     """The DAG's steps as plain calls of their cores, in its order, with its arguments."""
     from components.curate.core import DataRecipe, run_data
     from components.evaluate.core import run as evaluate
+    from components.finish.core import finish_pipeline_run as finish
     from components.export.core import run as export
     from components.preflight.core import run as preflight
     from components.register.core import register
@@ -178,6 +181,8 @@ def run_direct(recipe_path: Path, run_id: str, gitops: str, params: dict[str, An
                data_uris=data_uris, checkpoints=checkpoints)
     step("deploy", deploy, reg["name"], str(reg["version"]), values["deploy_env"], gitops,
          values["canary_percent"] or None)
+    # the DAG's exit handler: ends the parent MLflow run (summary metrics, timeline), as the DAG does
+    step("finish", finish, pinned, RUNS_ROOT, pre["run_id"], "SUCCEEDED")
     return {"wall_s": time.perf_counter() - started, "tasks": tasks}
 
 
