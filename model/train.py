@@ -28,6 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from model import metrics
@@ -102,7 +103,7 @@ def build_datasets(recipe: Recipe, stage: StageSpec, stage_name: str, processor:
     candidates = indices
     if dataset.cache is not None:  # the 10 x holdout samples of the last shards
         shard_of = dataset.shard_of()
-        candidates = sorted(sorted(indices, key=lambda i: -shard_of[i])[:10 * holdout])
+        candidates = sorted(np.argsort(-np.asarray(shard_of), kind="stable")[:10 * holdout].tolist())
     order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(recipe.training.seed))
     held = {candidates[j] for j in order[:holdout].tolist()}
     train = torch.utils.data.Subset(dataset, [i for i in indices if i not in held])
