@@ -284,6 +284,9 @@ class CurationSpec(_Strict):
     """How the curate step validates, deduplicates, normalises and shards every stage's mixture."""
 
     workers: int = Field(0, ge=0)  # decode/validate processes; 0 = one per CPU core
+    # pods that check one stage's sources in parallel (contiguous index ranges of every source), then one
+    # merge pod deduplicates and writes the shards: the same bytes whatever the count (components/curate)
+    partitions: int = Field(1, ge=1, le=256)
     shard_max_records: int = Field(1000, gt=0)
     shard_max_bytes: int = Field(1 << 30, gt=0)
     min_image_side: int = Field(8, gt=0)  # px; smaller is an icon or a broken thumbnail

@@ -480,13 +480,26 @@ def get_dir(uri: str, local_dir: str | os.PathLike[str], require_manifest: bool 
         for src in list_uris(uri):
             get_file(src, dst / src[len(base):])
         return dst
-    for rel, info in read_manifest(uri)["files"].items():
-        if Path(rel).is_absolute() or ".." in Path(rel).parts:
-            raise StorageError(f"{uri}: manifest names an unsafe path {rel!r}")
-        path = get_file(join(uri, rel), dst / rel)
-        if path.stat().st_size != info["size"] or sha256_file(path) != info["sha256"]:
-            raise StorageError(f"{join(uri, rel)}: size/sha256 differ from the manifest (corrupt or replaced)")
+    manifest = read_manifest(uri)
+    for rel in manifest["files"]:
+        get_published_file(uri, rel, dst / rel, manifest)
     return dst
+
+
+def get_published_file(uri: str, rel: str, local: str | os.PathLike[str],
+                       manifest: dict[str, Any] | None = None) -> Path:
+    """Download one file of a published prefix, verified against its manifest (read when not given):
+    StorageError when the manifest does not list it, names an unsafe path, or the bytes differ."""
+    manifest = manifest or read_manifest(uri)
+    info = manifest["files"].get(rel)
+    if info is None:
+        raise StorageError(f"{uri}: the manifest lists no {rel!r}")
+    if Path(rel).is_absolute() or ".." in Path(rel).parts:
+        raise StorageError(f"{uri}: manifest names an unsafe path {rel!r}")
+    path = get_file(join(uri, rel), local)
+    if path.stat().st_size != info["size"] or sha256_file(path) != info["sha256"]:
+        raise StorageError(f"{join(uri, rel)}: size/sha256 differ from the manifest (corrupt or replaced)")
+    return path
 
 
 def resolve_source(source: str, cache_dir: str | os.PathLike[str] | None = None) -> str:

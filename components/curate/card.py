@@ -40,6 +40,9 @@ class SourceStats:
     placeholders_moved: int = 0
     reasons: Counter[str] = field(default_factory=Counter)
 
+    def count_in(self) -> None:
+        self.records_in += 1
+
     def as_dict(self) -> dict[str, Any]:
         return {"source": self.name, "strategy": self.strategy, "available": self.available,
                 "records_in": self.records_in, "kept": self.kept, "duplicates": self.duplicates,

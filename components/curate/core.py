@@ -31,104 +31,33 @@ from __future__ import annotations
 
 import argparse
 import errno
-import functools
-import itertools
 import json
 import os
-import random
 import re
 import shutil
 import sys
 import tempfile
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from components.curate import cli
 from components.curate.card import CardStats, SourceStats, render_markdown
-from components.curate.checks import Limits, Verdict, check_item
+from components.curate.checks import Verdict
 from components.curate.datarecipe import DataRecipe
 from components.curate.dedup import Deduplicator
-from components.curate.sources import (CurationError, MediaMissing, RawRecord, Source, check_relative,
-                                       open_source, synthetic_world)
+from components.curate.partition import (PartitionReader, partition_range, partition_uri, published_partition,
+                                         remove_partition, write_partition)
+from components.curate.sources import CurationError, RawRecord, open_source, synthetic_world
+from components.curate.stream import apply_sampling, checked_stream, select_indices
 from onevision import storage
 from onevision.recipe import Recipe, load_recipe
 
 __all__ = ["CurationError", "DataRecipe", "DiskFullError", "StaleOutputError", "TooManyRejectedError",
-           "apply_sampling", "curate_data", "curate_stage", "run", "run_data", "select_indices", "synthetic_world"]
-T = TypeVar("T")
-R = TypeVar("R")
-
-
-def select_indices(strategy: str, count: Callable[[], int], seed: int) -> tuple[Callable[[int], bool], int | None]:
-    """(is index selected, source size or None) for LLaVA-NeXT `sampling_strategy`; counts only if needed."""
-    if strategy == "all":
-        return (lambda i: True), None
-    how, amount = strategy.split(":")
-    n = int(amount.rstrip("%"))
-    total = count() if (amount.endswith("%") or how in ("end", "random")) else None
-    k = n if total is None else min(total, round(total * n / 100) if amount.endswith("%") else n)
-    if how == "first":
-        return (lambda i: i < k), total
-    if how == "end":
-        return (lambda i: i >= total - k), total
-    chosen = frozenset(random.Random(seed).sample(range(total), k))  # ints only, never records
-    return chosen.__contains__, total
-
-
-def apply_sampling(records: list[T], strategy: str, seed: int) -> list[T]:
-    """select_indices over an in-memory list (records keep their order)."""
-    selected, _ = select_indices(strategy, lambda: len(records), seed)
-    return [r for i, r in enumerate(records) if selected(i)]
-
-
-def _map_chunk(fn: Callable[[T], R], chunk: list[T]) -> list[R]:
-    return [fn(item) for item in chunk]
-
-
-def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, chunk: int = 16,
-                window: int = 4) -> Iterator[tuple[T, R]]:
-    """(item, fn(item)) in input order; with workers > 1, chunks of `chunk` items go to worker processes
-    and at most `window` chunks per worker are in flight (memory stays bounded however long `items` is)."""
-    if workers <= 1:
-        for item in items:
-            yield item, fn(item)
-        return
-    # spawn, not fork: the parent may hold torch/MLflow threads, and a forked lock never wakes up.
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        pending: deque[tuple[list[T], Any]] = deque()
-        iterator = iter(items)
-        while True:
-            batch = list(itertools.islice(iterator, chunk))
-            if batch:
-                pending.append((batch, pool.submit(_map_chunk, fn, batch)))
-            if pending and (not batch or len(pending) >= window * workers):
-                done, future = pending.popleft()
-                yield from zip(done, future.result())
-            if not batch and not pending:
-                return
-
-
-def _media_of(raw: RawRecord, source: Source) -> dict[str, bytes | str]:
-    """Each media path of the record -> its bytes, or the message saying why it has none."""
-    record = raw.record
-    if not isinstance(record, dict):
-        return {}
-    media: dict[str, bytes | str] = {}
-    for key in ("image", "video"):
-        value = record.get(key)
-        for rel in [value] if isinstance(value, str) else (value if isinstance(value, list) else []):
-            if not isinstance(rel, str) or rel in media:
-                continue
-            try:
-                media[rel] = raw.media[rel] if rel in raw.media else source.media.read(check_relative(rel))
-            except MediaMissing as err:
-                media[rel] = str(err)
-    return media
+           "apply_sampling", "curate_data", "curate_stage", "run", "run_data", "run_partition", "select_indices",
+           "synthetic_world"]
 
 
 class _Quarantine:
@@ -146,28 +75,24 @@ class _Quarantine:
         self.stream.close()
 
 
-def _kept_records(data: DataRecipe, work: Path, workers: int, stats: CardStats,
-                  quarantine: _Quarantine, recaption_uri: str) -> Iterator[tuple[dict[str, Any], dict[str, bytes]]]:
-    """The stage's kept (record, media) in deterministic order; counts and quarantines the rest."""
-    limits: Limits = data.limits
+def _kept_records(data: DataRecipe, work: Path, workers: int, stats: CardStats, quarantine: _Quarantine,
+                  recaption_uri: str, partitions: PartitionReader | None = None
+                  ) -> Iterator[tuple[dict[str, Any], dict[str, bytes]]]:
+    """The stage's kept (record, media) in deterministic order; counts and quarantines the rest. With
+    `partitions`, the checked records come from the partition pods instead of being read and checked here:
+    the same stream, so deduplication and everything after it see what one pod would."""
     dedup = Deduplicator(data.curation.dedup, data.curation.near_dup_distance)
     for index, entry in enumerate(data.data):
-        source = open_source(entry, work, data.seed)
-        selected, available = select_indices(entry.sampling_strategy, source.count, data.seed + index)
-        counts = SourceStats(source.name, entry.sampling_strategy, available)
+        if partitions is None:
+            source = open_source(entry, work, data.seed)
+            selected, available = select_indices(entry.sampling_strategy, source.count, data.seed + index)
+            counts = SourceStats(source.name, entry.sampling_strategy, available)
+            checked = checked_stream(source, selected, data.limits, workers, on_record=counts.count_in)
+        else:
+            name, available = partitions.source(index)
+            counts = SourceStats(name, entry.sampling_strategy, available)
+            checked = partitions.checked(index, work, on_record=counts.count_in)
         stats.sources.append(counts)
-
-        def items(source: Source = source, counts: SourceStats = counts,
-                  selected: Callable[[int], bool] = selected) -> Iterator[tuple[RawRecord, dict]]:
-            for raw in source.records():
-                if not selected(raw.index):
-                    continue
-                counts.records_in += 1  # an unreadable one too: check_item rejects it, in stream order
-                media = _media_of(raw, source)
-                raw.media = {}  # now in `media`: don't ship the bytes to a worker twice
-                yield raw, media
-
-        checked = ordered_map(functools.partial(check_item, limits=limits), items(), workers)
         kept = _deduplicated(checked, counts, dedup, stats, quarantine)
         if entry.recaption is not None:
             from components.curate.recaption import recaption
@@ -261,26 +186,39 @@ def curate_stage(recipe: Recipe, stage_name: str, out: str, work_dir: str | None
 
 
 def curate_data(data: DataRecipe, out: str, work_dir: str | None = None, workers: int | None = None,
-                keep_work: bool = False) -> dict[str, Any]:
+                keep_work: bool = False, partitions: PartitionReader | None = None) -> dict[str, Any]:
     """Build and publish one stage's shards under `out`; returns the summary (also in curation.json).
 
     `workers`: check processes (default: the recipe's `curation.workers`; 0 = one per core).
     `work_dir` (default: a new temporary folder) holds generated synthetic worlds and the staging copy;
-    what this call put there is removed when it returns or fails, unless `keep_work`."""
+    what this call put there is removed when it returns or fails, unless `keep_work`.
+    `partitions`: merge what partition pods checked (partition.py) instead of reading the sources."""
+    with _work_folders(data, work_dir, keep_work) as (work, staging):
+        summary = _curate_into(data, out, work, staging, _workers(data, workers), partitions)
+        return {**summary, "work_dir": str(work)} if keep_work else summary
+
+
+def _workers(data: DataRecipe, workers: int | None) -> int:
     workers = data.curation.workers if workers is None else workers
-    workers = workers or os.cpu_count() or 1
+    return workers or os.cpu_count() or 1
+
+
+@contextmanager
+def _work_folders(data: DataRecipe, work_dir: str | None, keep_work: bool) -> Iterator[tuple[Path, Path]]:
+    """(work, staging): `work_dir` or a new temporary folder, and a fresh staging folder in it (never a
+    previous run's files); what this call created is removed on exit unless `keep_work`."""
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix=f"curate-{data.stage}-"))
     work.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f"publish-{data.stage}-", dir=work))  # never a previous run's files
+    staging = Path(tempfile.mkdtemp(prefix=f"publish-{data.stage}-", dir=work))
     try:
-        summary = _curate_into(data, out, work, staging, workers)
-        return {**summary, "work_dir": str(work)} if keep_work else summary
+        yield work, staging
     finally:
         if not keep_work:
             shutil.rmtree(work if not work_dir else staging, ignore_errors=True)
 
 
-def _curate_into(data: DataRecipe, out: str, work: Path, staging: Path, workers: int) -> dict[str, Any]:
+def _curate_into(data: DataRecipe, out: str, work: Path, staging: Path, workers: int,
+                 partitions: PartitionReader | None = None) -> dict[str, Any]:
     stage_name = data.stage
     stats = CardStats()
     quarantine = _Quarantine(staging / "quarantine.jsonl")
@@ -290,7 +228,7 @@ def _curate_into(data: DataRecipe, out: str, work: Path, staging: Path, workers:
     publishing = False
     try:
         try:
-            kept = _kept_records(data, work, workers, stats, quarantine, f"{out.rstrip('/')}-recaption")
+            kept = _kept_records(data, work, workers, stats, quarantine, f"{out.rstrip('/')}-recaption", partitions)
             write_shards(kept, staging, max_per_shard=data.curation.shard_max_records,
                          max_bytes=data.curation.shard_max_bytes)
         finally:
@@ -346,53 +284,95 @@ def _unpublish(out_uri: str) -> None:
 
 def run(recipe_uri: str, stage: str, out_uri: str, workers: int | None = None,
         mlflow_parent: str | None = None, work_dir: str | None = None, force: bool = False,
-        keep_work: bool = False) -> dict[str, Any]:
-    """`onevision curate`: run_data for `stage` of the recipe at `recipe_uri` (path or s3://)."""
+        keep_work: bool = False, partitions: int = 1) -> dict[str, Any]:
+    """`onevision curate`: run_data for `stage` of the recipe at `recipe_uri` (path or s3://); with
+    `partitions` > 1, merging the partitions run_partition published for it."""
     scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", out_uri)
     if scheme and scheme.group(1) != "s3":
         raise CurationError(f"{out_uri}: curation publishes to a local path or s3://bucket/prefix, "
                             f"not {scheme.group(1)}://")
+    uris = [partition_uri(out_uri, p, partitions) for p in range(partitions)] if partitions > 1 else []
     return run_data(DataRecipe.of(load_recipe(recipe_uri), stage), out_uri, workers, mlflow_parent, work_dir,
-                    force, keep_work)
+                    force, keep_work, uris)
 
 
 def run_data(data: DataRecipe, out_uri: str, workers: int | None = None, mlflow_parent: str | None = None,
-             work_dir: str | None = None, force: bool = False, keep_work: bool = False) -> dict[str, Any]:
+             work_dir: str | None = None, force: bool = False, keep_work: bool = False,
+             partition_uris: Sequence[str] = ()) -> dict[str, Any]:
     """The pipeline step's core: curate `data` into `out_uri` (`reused` in the result says whether it did).
 
     A stage already published at `out_uri` from the same data recipe is returned as it is (a resumed or
     retried run, or another run with the same data, curates nothing twice); from another one,
-    StaleOutputError, or with `force` it is withdrawn and curated again. With `mlflow_parent`, logs counts,
-    throughput and the data card (JSON + Markdown) to a nested run `curate_<stage>` under that pipeline run.
+    StaleOutputError, or with `force` it is withdrawn and curated again. With `partition_uris` (every
+    partition run_partition published for this stage), merges them instead of reading the sources, then
+    removes them. With `mlflow_parent`, logs counts, throughput and the data card (JSON + Markdown) to a
+    nested run `curate_<stage>` under that pipeline run.
     """
-    expected, stage = data.hash(), data.stage
-    published = published_summary(out_uri)
+    published = _published_for(data, out_uri, force)
     if published is not None:
-        recorded = (published.get("stage"), published.get("data_recipe_hash"))
-        if recorded == (stage, expected):
-            return {**published, "reused": True}
-        if not force:
-            held = (f"{recorded[0]} curated from data recipe {recorded[1][:12]}" if recorded[1]
-                    else f"{recorded[0]} with no data recipe hash (curated by an older version)")
-            raise StaleOutputError(
-                f"{out_uri} already holds {held}, not {stage} of recipe {data.recipe} (data recipe "
-                f"{expected[:12]}): curate into another --out, or pass --force to replace it")
-        _unpublish(out_uri)
+        for uri in partition_uris:  # a merge retried after it published: the partitions are spent
+            remove_partition(uri)
+        return {**published, "reused": True}
+    partitions = PartitionReader(list(partition_uris), data.hash(), len(data.data)) if partition_uris else None
     if not mlflow_parent:
-        summary = curate_data(data, out_uri, work_dir, workers, keep_work)
+        summary = curate_data(data, out_uri, work_dir, workers, keep_work, partitions)
     else:
         import mlflow
 
         from onevision import tracking
 
-        with tracking.step_run(f"curate_{stage}", mlflow_parent, params={"out_uri": out_uri}):
-            summary = curate_data(data, out_uri, work_dir, workers, keep_work)
+        with tracking.step_run(f"curate_{data.stage}", mlflow_parent, params={"out_uri": out_uri}):
+            summary = curate_data(data, out_uri, work_dir, workers, keep_work, partitions)
             mlflow.log_metrics({**summary["totals"], "records_per_s": summary["records_per_s"]})
             card = {k: v for k, v in summary.items() if k not in ("card_markdown", "seconds", "records_per_s", "workers", "uri")}
             mlflow.log_dict(card, "data_card.json")
             mlflow.log_text(summary["card_markdown"], "data_card.md")
-    summary.update(summary["totals"], manifest_sha256=storage.manifest_hash(out_uri), reused=False)
+    if partitions is not None:
+        partitions.remove()
+    summary.update(summary["totals"], manifest_sha256=storage.manifest_hash(out_uri), reused=False,
+                   partitions=len(partition_uris) or 1)
     return summary
+
+
+def _published_for(data: DataRecipe, out_uri: str, force: bool) -> dict[str, Any] | None:
+    """The summary of the stage published at `out_uri` when it is this data recipe's; None when there is
+    none (or `force` withdrew another's); StaleOutputError when another data recipe's is there."""
+    expected, stage = data.hash(), data.stage
+    published = published_summary(out_uri)
+    if published is None:
+        return None
+    recorded = (published.get("stage"), published.get("data_recipe_hash"))
+    if recorded == (stage, expected):
+        return published
+    if not force:
+        held = (f"{recorded[0]} curated from data recipe {recorded[1][:12]}" if recorded[1]
+                else f"{recorded[0]} with no data recipe hash (curated by an older version)")
+        raise StaleOutputError(
+            f"{out_uri} already holds {held}, not {stage} of recipe {data.recipe} (data recipe "
+            f"{expected[:12]}): curate into another --out, or pass --force to replace it")
+    _unpublish(out_uri)
+    return None
+
+
+def run_partition(data: DataRecipe, out_uri: str, partition: int, partitions: int, workers: int | None = None,
+                  work_dir: str | None = None) -> dict[str, Any]:
+    """One partition pod: check partition `partition` of `partitions` of every source and publish it at
+    partition_uri(out_uri, ...) for run_data's merge. Nothing to do (`reused`) when the stage or this
+    partition is already published for this data recipe; StaleOutputError as run_data."""
+    uri = partition_uri(out_uri, partition, partitions)
+    partition_range(0, partition, partitions)  # a bad index fails before any source is opened
+    if _published_for(data, out_uri, force=False) is not None or published_partition(uri, data.hash()) is not None:
+        return {"partition_uri": uri, "records": 0, "reused": True}
+    with _work_folders(data, work_dir, keep_work=False) as (work, staging):
+        sources = []
+        for index, entry in enumerate(data.data):
+            source = open_source(entry, work, data.seed)
+            selected, available = select_indices(entry.sampling_strategy, source.count, data.seed + index)
+            sources.append((source, entry.sampling_strategy, selected, available))
+        doc = write_partition(sources, data.limits, partition, partitions, _workers(data, workers), staging, data.hash())
+        storage.publish_dir(staging, uri, metadata={"stage": data.stage, "partition": partition,
+                                                   "partitions": partitions})
+    return {"partition_uri": uri, "records": sum(s["records"] for s in doc["sources"]), "reused": False}
 
 
 def command(args: argparse.Namespace) -> int:
@@ -400,8 +380,15 @@ def command(args: argparse.Namespace) -> int:
     from onevision.recipe import RecipeError
 
     try:
+        if args.partition is not None:
+            part = run_partition(DataRecipe.of(load_recipe(args.recipe), args.stage), args.out, *args.partition,
+                                 workers=args.workers, work_dir=args.work_dir)
+            done = "already published" if part["reused"] else f"{part['records']} records checked"
+            print(f"{args.stage} partition {args.partition[0]}/{args.partition[1]}: {done}")
+            print(f"published  {part['partition_uri']}")
+            return 0
         summary = run(args.recipe, args.stage, args.out, workers=args.workers, force=args.force,
-                      keep_work=args.keep_work, work_dir=args.work_dir)
+                      keep_work=args.keep_work, work_dir=args.work_dir, partitions=args.partitions)
     except (TooManyRejectedError, StaleOutputError) as err:
         return cli.fail(err, cli.EXIT_REFUSED)
     except (CurationError, RecipeError, storage.StorageError, OSError) as err:  # DiskFullError is an OSError

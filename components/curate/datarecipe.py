@@ -6,12 +6,12 @@
     DataRecipe.from_json(data.to_json())            # what the pipeline hands the (cached) curate step
 
 Covered by the hash: the recipe's name, the stage, its mixture (sources, sampling, re-captioning), the
-`curation` settings that change bytes (all but `workers`), the stage's limits (`model_max_length`,
+`curation` settings that change bytes (all but `workers` and `partitions`), the stage's limits (`model_max_length`,
 `video_frames`, visual-token budgets), the seed, CURATION_FORMAT, and the identity of every record
 file (S3 ETag and size; a local file's size and modification time; each parquet file of a folder or
 hub mirror; a media tar). A media *folder* is named by its URI only: fingerprinting millions of images
 would cost more than it saves, so replace media under new names. Not covered: the learning rates, the
-worker count, anything else of the recipe, so runs that change only those share one curated prefix.
+worker and partition counts, anything else of the recipe, so runs that change only those share one curated prefix.
 Light on purpose (no torch): preflight imports it to pin every stage's data recipe.
 """
 
@@ -80,6 +80,7 @@ class DataRecipe:
         """The canonical document (JSON types only) that the hash covers."""
         curation = self.curation.model_dump(mode="json")
         curation.pop("workers")  # how fast, not what
+        curation.pop("partitions")
         return {"format": CURATION_FORMAT, "recipe": self.recipe, "stage": self.stage,
                 "data": [entry.model_dump(mode="json") for entry in self.data], "curation": curation,
                 "limits": asdict(self.limits), "seed": self.seed, "sources": [list(s) for s in self.sources]}

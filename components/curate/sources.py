@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tarfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -144,6 +145,14 @@ class Source:
     def count(self) -> int:
         return sum(1 for _ in self.records())
 
+    def records_between(self, start: int, stop: int) -> Iterator[RawRecord]:
+        """The records with start <= index < stop (a curation partition); stops reading at `stop`."""
+        for raw in self.records():
+            if raw.index >= stop:
+                return
+            if raw.index >= start:
+                yield raw
+
 
 class JsonlSource(Source):
     def __init__(self, uri: str, name: str, media: MediaStore):
@@ -224,14 +233,30 @@ class ParquetSource(Source):
         return total
 
     def records(self) -> Iterator[RawRecord]:
-        index = 0
+        return self.records_between(0, sys.maxsize)
+
+    def records_between(self, start: int, stop: int) -> Iterator[RawRecord]:
+        """Reads only the row groups that hold rows [start, stop): a partition pod of a terabyte source
+        fetches its share of the media, not all of it."""
+        offset = 0  # index of the file's first row
         for uri in self.files:
+            if offset >= stop:
+                return
             with self._open(uri) as parquet:
                 missing = {"id", "conversations"} - set(parquet.schema_arrow.names)
                 if missing:
                     raise CurationError(f"{uri}: parquet without column(s) {sorted(missing)}")
-                batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS)
-                while True:
+                groups, index = [], None  # the row groups overlapping [start, stop); the first one's index
+                for group in range(parquet.metadata.num_row_groups):
+                    rows = parquet.metadata.row_group(group).num_rows
+                    if offset + rows > start and offset < stop:
+                        index = offset if index is None else index
+                        groups.append(group)
+                    offset += rows
+                if not groups:
+                    continue
+                batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=groups)
+                while index < stop:
                     try:  # a footer that reads can still front a corrupt row group
                         batch = next(batches, None)
                     except (OSError, ValueError) as err:  # pyarrow's ArrowIOError, ArrowInvalid...
@@ -239,7 +264,8 @@ class ParquetSource(Source):
                     if batch is None:
                         break
                     for row in batch.to_pylist():
-                        yield _parquet_row(index, row)
+                        if start <= index < stop:
+                            yield _parquet_row(index, row)
                         index += 1
 
 
