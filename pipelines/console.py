@@ -42,6 +42,8 @@ def key_figure(outputs: dict[str, str]) -> str:
     """The one number a user looks for in a task's outputs (as kfp.local prints them)."""
     if "kept" in outputs:
         return f"{outputs['kept']} records kept" + (" (reused)" if outputs.get("reused") == "True" else "")
+    if "partition_uri" in outputs:
+        return "already published" if outputs.get("reused") == "True" else f"{outputs['records']} records checked"
     if "passed" in outputs:
         reasons = outputs.get("reasons", "").strip("'")
         return "gate passed" if outputs["passed"] == "True" else f"gate FAILED: {reasons[:100]}"

@@ -8,7 +8,8 @@
                                  [gate failed] stop_on_failed_gate (the run fails, naming the gate's reasons)
     finish (the exit handler, after all of them whatever happened): ends the parent MLflow run
 
-The recipe gives the DAG's shape (which stages, which are evaluated, GPUs per step, which stage spans
+Curation fans out when `curation.partitions` > 1: per stage a ParallelFor of partition pods, then one
+merge (curate_tasks). The recipe gives the DAG's shape (which stages, which are evaluated, GPUs per step, which stage spans
 nodes) and the pipeline parameters' defaults; the parameters (typed, prefixed by step) override it per
 run, and preflight pins the result as the run's recipe. One compiled pipeline fits any GPU pool: node
 selector and tolerations are JSON parameters. Credentials come from Kubernetes Secrets by name; the
@@ -22,7 +23,7 @@ from typing import Any
 
 from kfp import dsl, kubernetes
 
-from components.curate.component import curate
+from components.curate.component import curate, curate_partition
 from components.evaluate.component import evaluate, stop_on_failed_gate
 from components.export.component import export
 from components.finish.component import finish_pipeline_run
@@ -103,6 +104,26 @@ def _place(task: dsl.PipelineTask, step: str, recipe: Recipe, params: dict[str, 
     if retries:
         task.set_retry(num_retries=retries, backoff_duration="60s", backoff_factor=2.0)
     return task
+
+
+def curate_tasks(stage: str, data_recipe: Any, out_uri: Any, workers: Any, partitions: int,
+                 place: Callable[[dsl.PipelineTask, bool], dsl.PipelineTask] = lambda task, cache: task
+                 ) -> dsl.PipelineTask:
+    """The task whose `shards_uri` is `stage`'s curated data. One `curate` task; with `partitions` > 1, a
+    dsl.ParallelFor of `curate_partition` tasks (one pod per slice of every source), then `curate`
+    merging their collected partition URIs. `place(task, cache)` sets resources and credentials."""
+    if partitions == 1:
+        single = curate(data_recipe=data_recipe, out_uri=out_uri, workers=workers)
+        return place(single.set_display_name(f"curate {stage}"), True)
+    with dsl.ParallelFor(items=list(range(partitions)), name=f"curate-{stage}-partitions".replace("_", "-")) as index:
+        part = curate_partition(data_recipe=data_recipe, out_uri=out_uri, partition=index, partitions=partitions,
+                                workers=workers).set_display_name(f"curate {stage} partition")
+        # not cached: the merge removes spent partitions, so a cache hit would name files that are gone;
+        # a partition pod whose stage is already published returns at once anyway
+        place(part, False)
+    merged = curate(data_recipe=data_recipe, out_uri=out_uri, workers=workers,
+                    partition_uris=dsl.Collected(part.outputs["partition_uri"]))
+    return place(merged.set_display_name(f"curate {stage} merge"), True)
 
 
 def build_pipeline(recipe: Recipe, recipe_uri: str, runs_root: str = "s3://onevision/runs",
@@ -205,9 +226,9 @@ def build_pipeline(recipe: Recipe, recipe_uri: str, runs_root: str = "s3://onevi
             data_uris, checkpoints = {}, {}
             for stage in enabled:
                 # nothing run-specific in: a run with the same data recipe hits the cache (or the published prefix)
-                cur = curate(data_recipe=pre.outputs[f"{stage}_data_recipe"], out_uri=pre.outputs[f"{stage}_data_uri"],
-                             workers=curate_workers).set_display_name(f"curate {stage}")
-                _place(cur, "curate", recipe, params, "curate", cache=True)
+                cur = curate_tasks(stage, pre.outputs[f"{stage}_data_recipe"], pre.outputs[f"{stage}_data_uri"],
+                                   curate_workers, recipe.curation.partitions,
+                                   lambda task, cache: _place(task, "curate", recipe, params, "curate", cache=cache))
                 multi_node = recipe.cluster.resources(stage).nodes > 1
                 train = train_stage(recipe_uri=pinned, stage=stage, data_uri=cur.outputs["shards_uri"], init_uri=init,
                                     out_uri=f"{run_uri}/{stage}", mlflow_parent=parent, run_id=pre.outputs["run_id"],

@@ -13,6 +13,10 @@
 
 Locally: `kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False))`, then call `curate(...)`.
 
+Fanned out (recipe `curation.partitions` > 1; pipelines/onevision.py `curate_tasks`): a dsl.ParallelFor of
+`curate_partition` tasks, one per partition, each checking its slice of every source, then one `curate`
+task given `partition_uris=dsl.Collected(...)`, which merges them (components/curate/partition.py).
+
 Cached across runs: its inputs are the stage's data recipe (JSON, components/curate/datarecipe.py) and
 the content-addressed prefix derived from it, nothing run-specific (no run id, no MLflow parent), so a
 second pipeline run with the same data hits KFP's cache on a cluster; where the cache is off or missed
@@ -28,7 +32,7 @@ already holds the code and kfp. No `from __future__ import annotations` here: KF
 annotation objects to build the component's interface.
 """
 
-from typing import NamedTuple
+from typing import List, NamedTuple
 
 from kfp import dsl
 
@@ -44,8 +48,10 @@ def curate(
     workers: int,
     data_card: dsl.Output[dsl.Markdown],
     metrics: dsl.Output[dsl.Metrics],
+    partition_uris: List[str] = [],  # noqa: B006 - a KFP default, never mutated
 ) -> NamedTuple("Outputs", [("shards_uri", str), ("manifest_sha256", str), ("kept", int), ("reused", bool)]):
-    """Curate one stage's data recipe (JSON) into shards published under out_uri, or reuse them."""
+    """Curate one stage's data recipe (JSON) into shards published under out_uri, or reuse them; with
+    partition_uris (curate_partition's, collected from a ParallelFor), merge those instead of reading."""
     import tempfile
     from collections import namedtuple
     from pathlib import Path
@@ -54,7 +60,7 @@ def curate(
 
     data = DataRecipe.from_json(data_recipe)
     with tempfile.TemporaryDirectory(prefix="curate-") as scratch:  # sources, staging: what matters is published
-        result = run_data(data, out_uri, workers=workers or None, work_dir=scratch)
+        result = run_data(data, out_uri, workers=workers or None, work_dir=scratch, partition_uris=partition_uris)
 
     Path(data_card.path).parent.mkdir(parents=True, exist_ok=True)
     Path(data_card.path).write_text(result["card_markdown"], encoding="utf-8")
@@ -65,3 +71,25 @@ def curate(
 
     outputs = namedtuple("Outputs", ["shards_uri", "manifest_sha256", "kept", "reused"])
     return outputs(result["uri"], result["manifest_sha256"], int(result["kept"]), bool(result["reused"]))
+
+
+@dsl.component(base_image=PROJECT_IMAGE, install_kfp_package=False)
+def curate_partition(
+    data_recipe: str,
+    out_uri: str,
+    partition: int,
+    partitions: int,
+    workers: int,
+) -> NamedTuple("Outputs", [("partition_uri", str), ("records", int), ("reused", bool)]):
+    """Check partition `partition` of `partitions` of every source of the stage and publish it beside
+    out_uri for the merging `curate` task (nothing to do when the stage or this partition is published)."""
+    import tempfile
+    from collections import namedtuple
+
+    from components.curate.core import DataRecipe, run_partition
+
+    data = DataRecipe.from_json(data_recipe)
+    with tempfile.TemporaryDirectory(prefix="curate-partition-") as scratch:
+        result = run_partition(data, out_uri, partition, partitions, workers=workers or None, work_dir=scratch)
+    outputs = namedtuple("Outputs", ["partition_uri", "records", "reused"])
+    return outputs(result["partition_uri"], int(result["records"]), bool(result["reused"]))

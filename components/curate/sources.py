@@ -388,6 +388,7 @@ def open_source(source: DataSource, work: Path, seed: int) -> Source:
             raise CurationError(f"{source.dataset_uri}: no .parquet files")
         return ParquetSource(files, name, _media_store(source.media_root) if source.media_root else None)
     uri = require(source.json_path)
-    root = source.media_root or (str(PurePosixPath(uri).parent) if storage.is_s3(uri) else str(Path(uri).parent))
+    # beside the records file; not PurePosixPath for s3:// (it folds "s3://b/k" to "s3:/b", a local path)
+    root = source.media_root or (uri.rsplit("/", 1)[0] if storage.is_s3(uri) else str(Path(uri).parent))
     reader = JsonlSource if uri.endswith(".jsonl") else JsonListSource
     return reader(uri, name, _media_store(root))

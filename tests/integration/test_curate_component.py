@@ -78,8 +78,20 @@ def test_curate_component_compiles_for_the_project_image(compiled_component) -> 
     doc = compiled_component(curate)
     component = doc["components"]["comp-curate"]
     # nothing run-specific (run id, MLflow parent, pinned recipe URI): what makes KFP's cache hit across runs
-    assert set(component["inputDefinitions"]["parameters"]) == {"data_recipe", "out_uri", "workers"}
+    # (partition URIs are content-addressed too: <out_uri>-partitions/<p>-of-<n>)
+    assert set(component["inputDefinitions"]["parameters"]) == {"data_recipe", "out_uri", "workers", "partition_uris"}
     outputs = component["outputDefinitions"]
     assert set(outputs["parameters"]) == {"shards_uri", "manifest_sha256", "kept", "reused"}
     assert {k: v["artifactType"]["schemaTitle"] for k, v in outputs["artifacts"].items()} == {
         "data_card": "system.Markdown", "metrics": "system.Metrics"}
+
+
+def test_curate_partition_component_compiles_for_the_project_image(compiled_component) -> None:
+    from components.curate.component import curate_partition
+
+    doc = compiled_component(curate_partition)
+    component = doc["components"]["comp-curate-partition"]
+    assert set(component["inputDefinitions"]["parameters"]) == {"data_recipe", "out_uri", "partition", "partitions",
+                                                                 "workers"}
+    assert set(component["outputDefinitions"]["parameters"]) == {"partition_uri", "records", "reused"}
+

@@ -10,6 +10,7 @@ from pipelines.console import TaskConsole, key_figure
 
 def test_key_figures_read_from_printed_outputs() -> None:
     assert key_figure({"shards_uri": "'s3://x'", "kept": "118", "reused": "True"}) == "118 records kept (reused)"
+    assert key_figure({"partition_uri": "'s3://x-partitions/0001-of-0003'", "records": "40", "reused": "False"}) == "40 records checked"
     assert key_figure({"passed": "True", "reasons": "''", "results_uri": "'s3://r'"}) == "gate passed"
     assert key_figure({"passed": "False", "reasons": "'exact_match 0.41 < 0.8'"}) == "gate FAILED: exact_match 0.41 < 0.8"
     train = {"hf_uri": "'s3://x/hf'", "metrics": "Metrics( name='metrics',",

@@ -7,6 +7,7 @@ or the DAG: `onevision compile --all`). Both documents parse strictly (a misspel
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -85,21 +86,32 @@ def test_dag_order_gate_and_caching(preset: str) -> None:
     deps = {name: set(task.get("dependentTasks", [])) for name, task in tasks.items()}
     trains = sorted(n for n in tasks if n.startswith("train-stage"))
     assert len(trains) == len(STAGES)
+    partitions = load_recipe(PRESETS[preset][0]).curation.partitions
     for name, task in tasks.items():
         cached = task.get("cachingOptions", {}).get("enableCache", False)
-        assert cached == name.startswith("curate"), f"{name}: caching {cached}"
+        assert cached == (name.startswith("curate") and not name.startswith("curate-partition")), \
+            f"{name}: caching {cached}"
     # curation can hit KFP's cache across runs: its inputs are preflight's pinned data recipe and content-addressed
     # prefix and the worker count, nothing that differs between two runs with the same data
     for number, stage in enumerate(STAGES, 1):
         name = "curate" if number == 1 else f"curate-{number}"
         params = tasks[name]["inputs"]["parameters"]
-        assert set(params) == {"data_recipe", "out_uri", "workers"}, params
+        assert set(params) == {"data_recipe", "out_uri", "workers"} | ({"partition_uris"} if partitions > 1 else set())
         assert params["data_recipe"]["taskOutputParameter"] == {"producerTask": "preflight",
                                                                 "outputParameterKey": f"{stage}_data_recipe"}
         assert params["out_uri"]["taskOutputParameter"] == {"producerTask": "preflight",
                                                             "outputParameterKey": f"{stage}_data_uri"}
         # inside the exit handler's DAG a pipeline parameter arrives as its channel
         assert params["workers"] == {"componentInputParameter": "pipelinechannel--curate_workers"}
+        if partitions > 1:  # the merge collects the partition URIs of its stage's ParallelFor
+            loop = params["partition_uris"]["taskOutputParameter"]["producerTask"]
+            assert loop in deps[name]
+            assert json.loads(tasks[loop]["parameterIterator"]["items"]["raw"]) == list(range(partitions))
+            (part,) = spec["components"][tasks[loop]["componentRef"]["name"]]["dag"]["tasks"].values()
+            assert part["componentRef"]["name"].startswith("comp-curate-partition")
+            assert part["inputs"]["parameters"]["partitions"]["runtimeValue"]["constant"] == partitions
+            assert part["inputs"]["parameters"]["data_recipe"] == {
+                "componentInputParameter": f"pipelinechannel--preflight-{stage}_data_recipe"}
     # tasks are numbered in creation order: stage1 is train-stage, stage1_5 train-stage-2, ...; SI's eval is evaluate
     assert {"preflight", "curate"} <= deps["train-stage"]
     assert {"train-stage", "curate-2"} <= deps["train-stage-2"]
