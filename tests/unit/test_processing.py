@@ -168,3 +168,24 @@ def test_llava_json_record_round_trip(tiny, media_dir: Path) -> None:
     record = json.loads(json.dumps({"id": 7, "image": "56x56.png", "conversations": ask()}))
     item = SampleProcessor(processor, "qwen_1_5", 4096, media_root=media_dir)(record)
     assert item.id == "7" and item.modality == "image"
+
+
+def test_pixel_tensors_equal_the_stock_image_processor_call(tiny, tiny_recipe, media_dir) -> None:
+    """SampleProcessor skips the stock call's padding to a common patch count and its batch stacking (two
+    copies of every patch); the tensors must stay those of `image_processor(images=[...], return_tensors="pt")`."""
+    from PIL import Image
+
+    model, processor = tiny
+    configure_stage(model, processor, tiny_recipe.stages.stage2_ov, tiny_recipe.model.image_size)
+    sp = SampleProcessor(processor, "qwen_1_5", 4096, media_root=media_dir)
+    for names in (["168x168.png"], ["100x200.png"], ["56x56.png", "100x200.png", "30x1000.png"]):
+        ph = "<image>\n" * len(names)
+        ours = sp({"id": "x", "image": names if len(names) > 1 else names[0], "conversations": ask(ph)})
+        images = [Image.open(media_dir / n).convert("RGB") for n in names]
+        stock = processor.image_processor(images=[images], return_tensors="pt")
+        assert [tuple(s) for s in stock["image_sizes"].tolist()] == [tuple(s) for s in ours.image_sizes]
+        for i, tensor in enumerate(ours.pixel_values):
+            expected = stock["pixel_values"][i, :1] if len(names) > 1 else stock["pixel_values"][i]
+            assert tensor.shape == expected.shape and torch.equal(tensor, expected), (names, i)
+    assert ours.pixel_values[0].shape[0] == 1 and sp(
+        {"id": "y", "image": "168x168.png", "conversations": ask()}).pixel_values[0].shape[0] > 1  # AnyRes patches
