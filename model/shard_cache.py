@@ -10,7 +10,7 @@ use), so DataLoader workers and the ranks of one node can share the folder: each
 recently used shards of the folder until it is under the cap, never the one it is fetching. A shard
 evicted between `path` and its `open` is fetched again by the reader (ShardDataset retries once). A
 fetch lands under a temporary name and is renamed into place only after its sha256 matched, so a killed
-download never looks like a shard.
+download never looks like a shard. Every download is appended to `fetched.log` in the folder.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from onevision import storage
+
+
+FETCH_LOG = "fetched.log"
 
 
 class ShardCache:
@@ -59,6 +62,10 @@ class ShardCache:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
         self.fetched += 1
+        # one line per download, appended by every process using the folder (O_APPEND: whole lines):
+        # what this node took from S3, for the operator and the tests
+        with open(self.folder / FETCH_LOG, "a", encoding="utf-8") as log:
+            log.write(f"{name}\n")
         return local
 
     def used_bytes(self) -> int:

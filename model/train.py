@@ -38,6 +38,7 @@ from model.builder import build_model_and_processor, configure_stage
 from model.checkpoints import (CheckpointError, CheckpointPublisher, fetch_checkpoint, fetch_own_part,
                                latest_complete_checkpoint, merge_zero_checkpoint)
 from model.processing import SampleProcessor
+from model.rank_sampler import RankShardSampler
 from model.shards import ShardDataset, open_shards
 from onevision import storage, tracking
 from onevision.recipe import STAGE_NAMES, Recipe, StageSpec, load_recipe, numel, part_of
@@ -208,9 +209,16 @@ def make_trainer(recipe: Recipe, stage: StageSpec, stage_name: str, args: Any, m
             # batches of one *global* batch: the same samples meet in a step at any world size
             if base.cache is not None:  # streamed: a window of shards at a time (the cache holds a window)
                 shard_of = base.shard_of()
-                return ShardWindowSampler([lengths[i] for i in keep], [visual[i] for i in keep],
-                                          [shard_of[i] for i in keep], batch_size=global_batch,
-                                          window_shards=recipe.training.shard_window, seed=recipe.training.seed)
+                kept = ([lengths[i] for i in keep], [visual[i] for i in keep], [shard_of[i] for i in keep])
+                if self.args.world_size > 1:  # each rank reads only the shards it owns this epoch
+                    try:
+                        return RankShardSampler(*kept, global_batch=global_batch, ranks=self.args.world_size,
+                                                micro_batch=self.args.per_device_train_batch_size,
+                                                window_shards=recipe.training.shard_window, seed=recipe.training.seed)
+                    except ValueError as err:
+                        print(f"[shards] {err}: every rank reads every shard", flush=True)
+                return ShardWindowSampler(*kept, batch_size=global_batch, window_shards=recipe.training.shard_window,
+                                          seed=recipe.training.seed)
             return ModalityLengthGroupedSampler([lengths[i] for i in keep], [visual[i] for i in keep],
                                                 batch_size=global_batch, seed=recipe.training.seed)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -123,3 +125,66 @@ def test_ranks_split_the_window_sampler_into_disjoint_parts_covering_the_epoch(w
              for rank in range(world)]
     assert all(len(set(a) & set(b)) == 0 for r, a in enumerate(parts) for b in parts[r + 1:])
     assert sorted(i for part in parts for i in part) == list(range(n))
+
+
+def _rank_parts(sampler, world: int, micro: int) -> list[list[list[int]]]:
+    """Each rank's micro-batches, as accelerate's BatchSamplerShard deals the Trainer's DataLoader."""
+    from accelerate.data_loader import BatchSamplerShard
+
+    batches = torch.utils.data.BatchSampler(sampler, batch_size=micro, drop_last=False)
+    return [list(BatchSamplerShard(batches, num_processes=world, process_index=rank)) for rank in range(world)]
+
+
+@pytest.mark.parametrize("world,accumulation", [(2, 1), (3, 2)])
+def test_each_rank_reads_only_its_own_shards_and_every_sample_comes(world: int, accumulation: int) -> None:
+    """The streamed sampler on `world` ranks: a rank's micro-batches come from the shards it owns (about
+    1/world of them, none shared), every sample comes at least once per epoch, the repeats that even out
+    the ranks stay few, and the steps per epoch do not depend on the shuffle."""
+    from model.rank_sampler import RankShardSampler
+
+    micro, sizes = 2, [16] * 10 + [9, 5]  # two short shards (the held-out slice's), at the end
+    shard_of = [s for s, size in enumerate(sizes) for _ in range(size)]
+    n = len(shard_of)
+    lengths, visual = [10 + (i * 7) % 23 for i in range(n)], [i % 3 != 0 for i in range(n)]
+    sampler = RankShardSampler(lengths, visual, shard_of, global_batch=micro * accumulation * world, ranks=world,
+                               micro_batch=micro, window_shards=2, seed=5)
+    lengths_seen = set()
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        parts = _rank_parts(sampler, world, micro)
+        owned = [set(sampler.owned_shards(r)) for r in range(world)]
+        assert all(not owned[r] & owned[q] for r in range(world) for q in range(r + 1, world))
+        assert set().union(*owned) == set(range(len(sizes)))
+        for rank, part in enumerate(parts):
+            assert {shard_of[i] for batch in part for i in batch} <= owned[rank], (epoch, rank)
+            assert all(len(batch) == micro for batch in part)
+        assert len({len(part) for part in parts}) == 1  # every rank takes the same number of steps
+        seen = [i for part in parts for batch in part for i in batch]
+        assert set(seen) == set(range(n)) and len(seen) == len(sampler)
+        # a rank's repeats: at most a partial batch per window of 2 shards, and what it owns less than
+        # the rank that owns the most can (the bound that fixes the epoch's length)
+        most = sum(sorted(sizes, reverse=True)[:math.ceil(len(sizes) / world)])
+        for rank, part in enumerate(parts):
+            own = sum(sizes[s] for s in owned[rank])
+            windows = math.ceil(len(owned[rank]) / 2)
+            assert sum(map(len, part)) - own <= sampler.batch_size * windows + (most - own)
+        lengths_seen.add(len(seen))
+        # a rank's share of a step holds one modality, except the window's mixed leftover batch
+        shares = [[i for batch in part[s * accumulation: (s + 1) * accumulation] for i in batch]
+                  for part in parts for s in range(len(part) // accumulation)]
+        mixed = sum(len({visual[i] for i in share}) > 1 for share in shares)
+        assert mixed <= world * math.ceil(len(sizes) / world / 2) * 2, mixed
+    assert len(lengths_seen) == 1  # the epoch's length is fixed by the shard sizes, not the shuffle
+    again = RankShardSampler(lengths, visual, shard_of, global_batch=micro * accumulation * world, ranks=world,
+                             micro_batch=micro, window_shards=2, seed=5)
+    again.set_epoch(2)
+    assert list(again) == list(sampler)  # the seed and epoch fix the order: resume skips the same batches
+
+
+def test_rank_sampler_refuses_what_it_cannot_split() -> None:
+    from model.rank_sampler import RankShardSampler
+
+    with pytest.raises(ValueError, match="2 shard\\(s\\) for 3 ranks"):
+        RankShardSampler([5] * 8, [True] * 8, [0] * 4 + [1] * 4, global_batch=6, ranks=3, micro_batch=2)
+    with pytest.raises(ValueError, match="global batch 8 is not ranks 3"):
+        RankShardSampler([5] * 8, [True] * 8, list(range(8)), global_batch=8, ranks=3, micro_batch=2)
