@@ -78,6 +78,9 @@ def image_size(data: bytes, name: str = "<bytes>") -> tuple[int, int]:
     return width, height
 
 
+ORIENTATION_TAG = 0x0112  # EXIF Orientation; 1 = upright
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16/32-bit greyscale: scale to 8 bits by the actual range instead of clipping at 255.
@@ -93,19 +96,21 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGB", image.size, (255, 255, 255))
         background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
         return background
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")  # convert() of an RGB image copies it
 
 
 def decode_image(data: bytes, name: str = "<bytes>") -> Image.Image:
     """Bytes -> RGB image, validated (size cap from the header before decoding, then a full decode)."""
     image_size(data, name)
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            if getattr(image, "is_animated", False):
-                image.seek(0)  # animated GIF/WebP: the first frame
-            image.load()
+        # no `with`: closing the image would free the pixels returned when no conversion copies them
+        image = Image.open(io.BytesIO(data))  # in memory: nothing to leak
+        if getattr(image, "is_animated", False):
+            image.seek(0)  # animated GIF/WebP: the first frame
+        image.load()
+        if image.getexif().get(ORIENTATION_TAG, 1) != 1:  # exif_transpose copies even an upright image
             image = ImageOps.exif_transpose(image) or image
-            rgb = _to_rgb(image)
+        rgb = _to_rgb(image)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise MediaError(f"{name}: not a decodable image ({describe_error(err)})") from None
     if min(rgb.size) < 1:
