@@ -58,6 +58,9 @@ class ShardCache:
             if os.path.getsize(tmp) != info["size"] or storage.sha256_file(tmp) != info["sha256"]:
                 raise storage.StorageError(f"{storage.join(self.uri, name)}: size/sha256 differ from the manifest")
             os.replace(tmp, local)
+            # again now that it is in: another process may have made room for its own fetch at the same
+            # time, and both shards landed on the room of one (two DataLoader workers, the ranks of a node)
+            self.evict(keep=name)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)

@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 from torch.utils.data import Dataset
 
 from model.shard_cache import ShardCache
-from model.shard_index import INDEX_NAME, index_shards, read_index, write_index
+from model.shard_index import INDEX_NAME, MemberReader, index_shards, open_index, read_index, write_index
 from onevision import storage
 
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
@@ -107,25 +107,27 @@ class ShardDataset(Dataset):
 
     Where the samples lie comes from the shards' index (model/shard_index.py: `index.parquet` beside them,
     written at curation), so opening a stage reads no tar; shards without one (curated before the index)
-    are indexed from their tar headers, with a message saying so."""
+    are indexed from their tar headers, with a message saying so. A streamed stage reads only the
+    sampler's columns of its index at open, and each shard's member offsets on first use (MemberReader)."""
 
     def __init__(self, shards: list[Path], sample_processor: Any = None, index: pa.Table | None = None,
-                 cache: ShardCache | None = None):
+                 cache: ShardCache | None = None, members: MemberReader | None = None):
         self.shards = [Path(s) for s in shards]  # with `cache`: where the cache puts them (fetched on use)
         self.sample_processor = sample_processor
         self.cache = cache
-        self.index = index if index is not None else load_index(self.shards)
-        shard_of = pc.index_in(self.index.column("shard"), value_set=pa.array([s.name for s in self.shards], pa.string()))
-        if shard_of.null_count:
-            missing = sorted(set(pc.filter(self.index.column("shard"), pc.is_null(shard_of)).to_pylist()))
-            raise ValueError(f"the shard index names shards that were not given: {missing[:3]}")
-        shard_of = shard_of.to_numpy()
+        table = index if index is not None else load_index(self.shards)
+        shard_of = _positions(table.column("shard"), [s.name for s in self.shards])
         order = np.argsort(shard_of, kind="stable")  # samples numbered in shard order, then write order
-        self.index = self.index.take(pa.array(order)) if not np.array_equal(order, np.arange(len(order))) else self.index
+        in_order = np.array_equal(order, np.arange(len(order)))
+        if members is not None and not in_order:  # the reader's row numbers would not be the samples'
+            table, members = read_index(members.path), None
+        self.index = table if in_order else table.take(pa.array(order))
         self._shard = shard_of[order].astype(np.int32)  # (N,) position in self.shards
-        self._members = self.index.column("members").combine_chunks()
-        self._offsets = self.index.column("offsets").combine_chunks()
-        self._sizes = self.index.column("sizes").combine_chunks()
+        self._reader = members  # each shard's member offsets read when it is first read (streamed stages)
+        if members is None:
+            self._members = self.index.column("members").combine_chunks()
+            self._offsets = self.index.column("offsets").combine_chunks()
+            self._sizes = self.index.column("sizes").combine_chunks()
         self._fds: dict[int, int] = {}
         self._pid = os.getpid()
 
@@ -141,6 +143,8 @@ class ShardDataset(Dataset):
 
     def _members_of(self, index: int) -> dict[str, tuple[int, int]]:
         """member suffix -> (offset, size) of sample `index`."""
+        if self._reader is not None:
+            return self._reader(index)
         return dict(zip(self._members[index].as_py(), zip(self._offsets[index].as_py(), self._sizes[index].as_py())))
 
     def _read(self, index: int, suffixes: list[str] | None = None) -> dict[str, bytes]:
@@ -195,7 +199,8 @@ class ShardDataset(Dataset):
         index_path = storage.get_file(storage.join(uri, INDEX_NAME), folder / INDEX_NAME)
         if storage.sha256_file(index_path) != files[INDEX_NAME]["sha256"]:
             raise storage.StorageError(f"{storage.join(uri, INDEX_NAME)}: sha256 differs from the manifest")
-        return cls([folder / name for name in names], sample_processor, index=read_index(index_path), cache=cache)
+        table, members = open_index(index_path)
+        return cls([folder / name for name in names], sample_processor, index=table, cache=cache, members=members)
 
     def __getitem__(self, index: int) -> Any:
         record, media = self.raw(index)
@@ -213,6 +218,23 @@ class ShardDataset(Dataset):
         for fd in getattr(self, "_fds", {}).values() if getattr(self, "_pid", None) == os.getpid() else ():
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+def _positions(shard: pa.ChunkedArray, names: list[str]) -> np.ndarray:
+    """(N,) position in `names` of each row's shard; ValueError naming shards that are not there."""
+    value_set = pa.array(names, pa.string())
+    if pa.types.is_dictionary(shard.type):  # map the few distinct names, then the rows' codes
+        combined = shard.combine_chunks()
+        found = pc.index_in(combined.dictionary, value_set=value_set)
+        missing = pc.filter(combined.dictionary, pc.is_null(found)).to_pylist()
+        positions = found.to_numpy(zero_copy_only=False)[combined.indices.to_numpy()] if not missing else None
+    else:
+        found = pc.index_in(shard, value_set=value_set)
+        missing = pc.filter(shard, pc.is_null(found)).to_pylist() if found.null_count else []
+        positions = found.to_numpy() if not missing else None
+    if positions is None:
+        raise ValueError(f"the shard index names shards that were not given: {sorted(set(missing))[:3]}")
+    return positions.astype(np.int64)
 
 
 def load_index(shards: list[Path]) -> pa.Table:

@@ -120,3 +120,38 @@ def test_dataset_refuses_an_index_naming_other_shards(published: Path) -> None:
     index = read_index(published / INDEX_NAME)
     with pytest.raises(ValueError, match="names shards that were not given"):
         ShardDataset(sorted(published.glob("*.tar"))[:1], index=index)
+
+
+def test_streamed_index_reads_member_offsets_a_group_at_a_time(published: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """write_index puts whole shards in each row group; open_index then reads only the sampler's columns,
+    and MemberReader gives every sample the members the whole index gives it, reading a row group when
+    one of its shards is first reached. An index whose row groups split a shard is read whole."""
+    import pickle
+
+    import model.shard_index as shard_index
+    from model.shard_index import SAMPLER_COLUMNS, MemberReader, open_index
+
+    shards = sorted(published.glob("*.tar"))
+    table = read_index(published / INDEX_NAME)  # as curation wrote it: 3 shards, one row group
+    assert len(shards) == 3 and pq.read_metadata(published / INDEX_NAME).num_row_groups == 1
+    monkeypatch.setattr(shard_index, "ROWS_PER_GROUP", 1)  # a group per shard, as at scale (65k rows)
+    write_index(table, tmp_path / INDEX_NAME)
+    assert pq.read_metadata(tmp_path / INDEX_NAME).num_row_groups == len(shards)
+    light, members = open_index(tmp_path / INDEX_NAME)
+    assert light.column_names == SAMPLER_COLUMNS and isinstance(members, MemberReader)
+    eager = [dict(zip(m, zip(o, s))) for m, o, s in zip(*(table.column(c).to_pylist() for c in ("members", "offsets", "sizes")))]
+    read_groups: list[int] = []
+    original = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, g, **kw: read_groups.append(g) or original(self, g, **kw))
+    assert [members(row) for row in range(table.num_rows)] == eager
+    assert read_groups == list(range(len(shards)))  # each group once, when its shard is reached
+    copy = pickle.loads(pickle.dumps(members))  # what a spawned DataLoader worker gets
+    assert copy(table.num_rows - 1) == eager[-1]
+
+    dataset = ShardDataset(shards, index=light, members=members)
+    assert [dataset.raw(i) for i in range(len(dataset))] == [ShardDataset(shards).raw(i) for i in range(len(dataset))]
+
+    pq.write_table(table, tmp_path / "split.parquet", row_group_size=2)  # groups that cut shards in two
+    whole, none = open_index(tmp_path / "split.parquet")
+    assert none is None and whole.column_names == table.column_names
