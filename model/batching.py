@@ -251,6 +251,14 @@ class ModalityLengthGroupedSampler(Sampler[int]):
         return iter([i for batch in self.batches() for i in batch])
 
 
+def samples_by_shard(shard_of: Sequence[int]) -> dict[int, np.ndarray]:
+    """shard -> its sample ids (in id order): what the shard samplers window over."""
+    shard_of = np.asarray(shard_of, dtype=np.int64)
+    order = np.argsort(shard_of, kind="stable")  # (N,) sample ids grouped by shard, in id order
+    shards, starts = np.unique(shard_of[order], return_index=True)
+    return {int(shard): order[start:end] for shard, start, end in zip(shards, starts, [*starts[1:], len(order)], strict=True)}
+
+
 class ShardWindowSampler(ModalityLengthGroupedSampler):
     """ModalityLengthGroupedSampler over a window of shards at a time, for shards streamed from S3.
 
@@ -269,11 +277,7 @@ class ShardWindowSampler(ModalityLengthGroupedSampler):
         if window_shards < 1:
             raise ValueError(f"window_shards must be at least 1, got {window_shards}")
         self.window_shards = window_shards
-        shard_of = np.asarray(shard_of, dtype=np.int64)
-        order = np.argsort(shard_of, kind="stable")  # (N,) sample ids grouped by shard, in id order
-        shards, starts = np.unique(shard_of[order], return_index=True)
-        self.by_shard = {int(shard): order[start:end] for shard, start, end
-                         in zip(shards, starts, [*starts[1:], len(order)], strict=True)}
+        self.by_shard = samples_by_shard(shard_of)
 
     def window_batches(self) -> Iterator[list[int]]:
         """The epoch's batches, a window at a time (lazily: the first batch costs one window's grouping)."""

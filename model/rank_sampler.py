@@ -29,7 +29,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from model.batching import ModalityLengthGroupedSampler
+from model.batching import ModalityLengthGroupedSampler, samples_by_shard
 
 
 class RankShardSampler(ModalityLengthGroupedSampler):
@@ -41,9 +41,7 @@ class RankShardSampler(ModalityLengthGroupedSampler):
         super().__init__(lengths, is_visual, share, megabatch_batches, seed)  # batches of one rank's share
         if len(shard_of) != len(lengths):
             raise ValueError("shard_of and lengths differ in size")
-        order = np.argsort(np.asarray(shard_of, dtype=np.int64), kind="stable")  # (N,) grouped by shard
-        shards, starts = np.unique(np.asarray(shard_of, dtype=np.int64)[order], return_index=True)
-        self.by_shard = {int(s): order[a:b] for s, a, b in zip(shards, starts, [*starts[1:], len(order)], strict=True)}
+        self.by_shard = samples_by_shard(shard_of)
         if len(self.by_shard) < ranks:
             raise ValueError(f"{len(self.by_shard)} shard(s) for {ranks} ranks: a rank would own none")
         self.ranks, self.micro, self.window_shards = ranks, micro_batch, max(1, window_shards)

@@ -433,6 +433,16 @@ def publish_dir(local_dir: str | os.PathLike[str], uri: str, metadata: dict[str,
     return write_manifest(uri, files, metadata)
 
 
+def unpublish_dir(uri: str) -> list[str]:
+    """Withdraw a published prefix: its manifest first (from then on no reader takes it for complete), then
+    the files it listed. Returns those files' names; nothing published there: ManifestMissingError."""
+    listed = list(read_manifest(uri)["files"])
+    delete(join(uri, MANIFEST_NAME))
+    for rel in listed:
+        delete(join(uri, rel))
+    return listed
+
+
 def write_manifest(uri: str, files: dict[str, dict[str, Any]], metadata: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the manifest of objects already uploaded below `uri`, by this process or others (each file:
     {"size", "sha256"}, plus any fields of the writer's); the last step of a publish."""

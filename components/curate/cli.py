@@ -36,9 +36,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     fan_out.add_argument("--partition", type=partition_arg, default=None, metavar="P/N",
                          help="check only partition P of N of every source and publish it beside --out "
                               "(one pod of a fanned-out curation)")
-    fan_out.add_argument("--partitions", type=int, default=1, metavar="N",
+    fan_out.add_argument("--partitions", type=partition_count, default=1, metavar="N",
                          help="merge the N published partitions into the stage (after every --partition P/N)")
     return parser
+
+
+def partition_count(text: str) -> int:
+    """`N` >= 1 (1: no partitions to merge, the stage is curated here)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a partition count (a whole number >= 1)")
+    return n
 
 
 def partition_arg(text: str) -> tuple[int, int]:

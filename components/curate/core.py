@@ -274,10 +274,7 @@ def published_summary(out_uri: str) -> dict[str, Any] | None:
 def _unpublish(out_uri: str) -> None:
     """Withdraw a published stage: the manifest first (from then on it is not complete for any reader),
     then the files it listed, then the re-captioning progress that belonged to it."""
-    listed = storage.read_manifest(out_uri)["files"]
-    storage.delete(storage.join(out_uri, storage.MANIFEST_NAME))
-    for rel in listed:
-        storage.delete(storage.join(out_uri, rel))
+    storage.unpublish_dir(out_uri)
     for uri in storage.list_uris(f"{out_uri.rstrip('/')}-recaption"):
         storage.delete(uri)
 

@@ -112,6 +112,8 @@ def read_source_part(path: Path, where: str) -> Iterator[tuple[tuple[RawRecord, 
                     doc, media = json.loads(stream.read()), {}
                 except (json.JSONDecodeError, UnicodeDecodeError) as err:
                     raise PartitionError(f"{where}: {member.name} is not valid JSON ({err})") from None
+                if not isinstance(doc, dict):
+                    raise PartitionError(f"{where}: {member.name} is not a checked record (not a JSON object)")
             else:
                 k = int(match.group(2)[1:])
                 if doc is None or k >= len(doc.get("media", [])):
@@ -125,9 +127,10 @@ def _checked(doc: dict[str, Any], media: dict[str, bytes], where: str) -> tuple[
     try:
         verdict = Verdict(**{**doc["verdict"], "phashes": tuple(doc["verdict"]["phashes"])})
         raw = RawRecord(doc["index"], doc["record"], doc["error"], doc["raw"])
-    except (KeyError, TypeError) as err:
+        names = list(doc["media"])
+    except (KeyError, TypeError, AttributeError) as err:
         raise PartitionError(f"{where}: record {doc.get('index')!r} is not a checked record ({err})") from None
-    if len(media) != len(doc["media"]):
+    if len(media) != len(names):
         raise PartitionError(f"{where}: record {raw.index} lacks some of its media {doc['media']}")
     return (raw, media), verdict
 
@@ -149,15 +152,15 @@ def write_partition(sources: list[tuple[Source, str, Callable[[int], bool], int 
     return doc
 
 
-def published_partition(uri: str, data_recipe_hash: str) -> dict[str, Any] | None:
-    """The partition.json of a partition published at `uri` for this data recipe, else None."""
+def published_partition(uri: str, data_recipe_hash: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(partition.json, manifest) of a partition published at `uri` for this data recipe, else None."""
     try:
-        storage.read_manifest(uri)
+        manifest = storage.read_manifest(uri)
         doc = json.loads(storage.read_bytes(storage.join(uri, PARTITION_JSON)))
     except (storage.StorageError, json.JSONDecodeError):
         return None
     ok = isinstance(doc, dict) and doc.get("format") == PARTITION_FORMAT and doc.get("data_recipe_hash") == data_recipe_hash
-    return doc if ok else None
+    return (doc, manifest) if ok else None
 
 
 class PartitionReader:
@@ -165,12 +168,13 @@ class PartitionReader:
     checked records in the order one pod would have produced them."""
 
     def __init__(self, uris: list[str], data_recipe_hash: str, sources: int):
-        docs = []
+        docs, self.manifests = [], {}
         for uri in uris:
-            doc = published_partition(uri, data_recipe_hash)
-            if doc is None:
+            published = published_partition(uri, data_recipe_hash)
+            if published is None:
                 raise PartitionError(f"{uri}: no partition of data recipe {data_recipe_hash[:12]} published there "
                                      "(its pod failed or has not run); run that partition again, then merge")
+            doc, self.manifests[uri] = published
             docs.append((doc["partition"], uri, doc))
         docs.sort(key=lambda item: item[0])
         n = len(docs)
@@ -193,7 +197,8 @@ class PartitionReader:
         """Entry `index`'s checked records: partition 0's slice, then 1's...; one file on disk at a time."""
         rel = f"source-{index:04d}.tar"
         for uri, doc in self.parts:
-            local = storage.get_published_file(uri, rel, work / "partitions" / f"{doc['partition']:04d}-{rel}")
+            local = storage.get_published_file(uri, rel, work / "partitions" / f"{doc['partition']:04d}-{rel}",
+                                               self.manifests[uri])
             try:
                 count = 0
                 for item in read_source_part(local, storage.join(uri, rel)):
@@ -213,10 +218,8 @@ class PartitionReader:
 
 
 def remove_partition(uri: str) -> None:
+    """Withdraw a spent partition (manifest first); one already gone is fine."""
     try:
-        listed = storage.read_manifest(uri)["files"]
-    except storage.StorageError:
-        return
-    storage.delete(storage.join(uri, storage.MANIFEST_NAME))
-    for rel in listed:
-        storage.delete(storage.join(uri, rel))
+        storage.unpublish_dir(uri)
+    except storage.ManifestMissingError:
+        pass

@@ -145,6 +145,10 @@ def test_the_command_line_runs_partitions_and_the_merge(tmp_path: Path, tiny_rec
                                         max_rejected_fraction=1.0)))
     out = str(tmp_path / "out")
     base = ["curate", "--recipe", str(path), "--stage", "stage2_si", "--out", out]
+    for bad in (["--partitions", "0"], ["--partition", "2/2"], ["--partition", "x"]):
+        with pytest.raises(SystemExit) as exit_:
+            onevision([*base, *bad])
+        assert exit_.value.code == 2 and (bad[1] in capsys.readouterr().err)
     assert onevision([*base, "--partition", "0/2"]) == 0
     assert "partition 0/2:" in capsys.readouterr().out
     assert onevision([*base, "--partitions", "2"]) == 2
