@@ -98,7 +98,7 @@ def s3_endpoint() -> str:
 
 
 @lru_cache(maxsize=8)
-def _client(endpoint: str, access_key: str, secret_key: str, region: str) -> Any:
+def _client(endpoint: str, access_key: str, secret_key: str, region: str, pid: int) -> Any:
     import urllib3
     from minio import Minio
 
@@ -116,12 +116,14 @@ def _client(endpoint: str, access_key: str, secret_key: str, region: str) -> Any
 
 
 def s3_client() -> Any:
-    """A minio client for the endpoint and credentials in the environment (cached per settings)."""
+    """A minio client for the endpoint and credentials in the environment (cached per settings and process:
+    a forked DataLoader worker that used its parent's pool would share its sockets, and one process would
+    read the other's response - seen as tar bytes where an HTTP status line should be)."""
     endpoint = s3_endpoint()
     key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
     if not key or not secret:
         raise StorageError("no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
-    return _client(endpoint, key, secret, os.environ.get("AWS_REGION", "us-east-1"))
+    return _client(endpoint, key, secret, os.environ.get("AWS_REGION", "us-east-1"), os.getpid())
 
 
 _TRANSIENT_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "XMinioServerNotInitialized"}

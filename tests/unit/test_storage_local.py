@@ -114,3 +114,20 @@ def test_range_reads_stream_forward_in_windows_and_jump_exactly(tmp_path) -> Non
     backwards = list(reversed(members))
     assert all(reader.read(offset, size) == data[offset:offset + size] for offset, size in backwards)
     assert reader.gets == len(members) and len(reader.data) == 1024  # jumps fetch only what they ask
+
+
+def test_a_forked_process_gets_its_own_s3_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client (and its urllib3 pool of sockets) is per process: a forked DataLoader worker that reused
+    its parent's would share open connections with it (tar bytes read as an HTTP status line)."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    parent = storage.s3_client()
+    assert storage.s3_client() is parent  # cached within a process
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: 1 if it got the parent's client object
+        os.write(write, b"1" if storage.s3_client() is parent else b"0")
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.read(read, 1) == b"0"
