@@ -56,7 +56,7 @@ def _records(n: int):
 
 
 def publish_set(n: int, work: Path) -> str:
-    from model.shards import write_shards
+    from model.shard_writer import write_shards
     from onevision import storage
 
     folder = work / f"set-{n}"

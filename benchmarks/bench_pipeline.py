@@ -18,7 +18,7 @@ evaluation `python -m lmms_eval`), so the difference is what the orchestration a
 Reported: wall of each run (ratio = direct / DAG: < 1 means orchestration costs that fraction), seconds
 of overhead per task, and per step kind the DAG task's wall (timed around kfp.local's task dispatch)
 against the direct call. Before either run, one throwaway process imports what the steps import (torch,
-transformers, deepspeed, lmms_eval, mlflow, kfp, kserve, webdataset, matplotlib), untimed: without it the
+transformers, deepspeed, lmms_eval, mlflow, kfp, kserve, matplotlib), untimed: without it the
 DAG, which runs first, paid the cold page cache alone (measured in isolation on one trained model: the
 evaluate task under kfp.local 50.2 s cold, 40.0 s warm; its core called directly 39.6-41.6 s). A recipe
 variant (a temporary file extending recipes/tiny.yaml) drops the evaluation gate thresholds (a few
@@ -47,7 +47,7 @@ import yaml
 from onevision.recipe import STAGE_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
-WARM_IMPORTS = ("torch", "transformers", "deepspeed", "lmms_eval", "mlflow", "kfp", "kserve", "webdataset", "matplotlib")
+WARM_IMPORTS = ("torch", "transformers", "deepspeed", "lmms_eval", "mlflow", "kfp", "kserve", "matplotlib")
 TASKS = ("shapes_color", "shapes_mc", "shapes_multi_image", "shapes_video")
 # step kind -> (DAG component name prefix, label)
 KINDS = {"preflight": "preflight", "curate": "curate", "train-stage": "train", "evaluate": "evaluate",

@@ -1,15 +1,14 @@
 """Training shards: WebDataset tar files of LLaVA records with their media, local or on S3.
 
-    write_shards(samples, "out/shards", max_per_shard=1000)        # curation writes these, then publishes
     ds = ShardDataset(open_shards("s3://onevision/runs/r1/curate/stage1"), sample_processor)
     item = ds[0]                                                    # a ProcessedSample
 
 Each sample is a group of members sharing a key: `<key>.json` (the LLaVA record, its media paths
 rewritten to member names such as `img0.png`) and `<key>.img0.png`, `<key>.vid0.mp4`, ... - the layout
-webdataset readers and writers use. Shards on S3 are fetched once into a local cache, verified against
-the publish manifest (sha256). The index written beside them (index.parquet: tar offsets, num_tokens,
-modality per sample) makes samples random-access without scanning a tar: a seeded sampler gives a
-reproducible order and a resumed run can skip exactly the batches it has seen.
+webdataset readers and writers use (curation writes them: model/shard_writer.py). Shards on S3 are fetched
+once into a local cache, verified against the publish manifest (sha256). The index written beside them
+(index.parquet: tar offsets, num_tokens, modality per sample) makes samples random-access without scanning a
+tar: a seeded sampler gives a reproducible order and a resumed run can skip exactly the batches it has seen.
 """
 
 from __future__ import annotations
@@ -17,8 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
-from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,48 +27,6 @@ from torch.utils.data import Dataset
 from model.shard_cache import ShardCache
 from model.shard_index import INDEX_NAME, MemberReader, index_shards, open_index, read_index, write_index
 from onevision import storage
-
-_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
-
-
-def shard_key(sample_id: str, index: int) -> str:
-    """A tar-safe key: webdataset splits member names at the first dot, so no dots or slashes."""
-    return f"{index:09d}_{_KEY_UNSAFE.sub('-', sample_id)[:80]}"
-
-
-def write_shards(samples: Iterable[tuple[dict[str, Any], Mapping[str, bytes]]], out_dir: str | Path,
-                 max_per_shard: int = 1000, prefix: str = "shard", max_bytes: int = 3 << 30) -> list[Path]:
-    """Write (record, {original media path: bytes}) pairs as tar shards, and their index (index.parquet,
-    model/shard_index.py); returns the shard paths.
-
-    A shard closes at `max_per_shard` samples or `max_bytes`. Member times are fixed (mtime 0), so the
-    same samples give byte-identical shards.
-    """
-    import webdataset as wds
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with wds.ShardWriter(str(out / f"{prefix}-%06d.tar"), maxcount=max_per_shard, maxsize=max_bytes,
-                         verbose=0, mtime=0) as sink:
-        for index, (record, media) in enumerate(samples):
-            key = shard_key(str(record["id"]), index)
-            members: dict[str, Any] = {"__key__": key}
-            record = dict(record)
-            for field, tag in (("image", "img"), ("video", "vid")):
-                paths = record.get(field)
-                if paths is None:
-                    continue
-                names = []
-                for i, path in enumerate([paths] if isinstance(paths, str) else paths):
-                    ext = Path(path).suffix.lower().lstrip(".") or "bin"
-                    name = f"{tag}{i}.{ext}"
-                    members[name] = media[path]
-                    names.append(name)
-                record[field] = names[0] if isinstance(paths, str) else names
-            members["json"] = json.dumps(record).encode()
-            sink.write(members)
-    write_index(index_shards(sorted(out.glob("*.tar"))), out / INDEX_NAME)  # every tar of the folder
-    return sorted(out.glob(f"{prefix}-*.tar"))
 
 
 def open_shards(uri: str, cache_dir: str | Path | None = None) -> list[Path]:

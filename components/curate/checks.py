@@ -192,7 +192,7 @@ def check_record(record: Any, media: dict[str, bytes | str], limits: Limits) -> 
 
 def check_item(item: tuple[Any, dict[str, bytes | str]], limits: Limits) -> Verdict:
     """check_record for a (RawRecord, media) pair: what worker processes run. It lives here, not in
-    core, so that a spawned worker imports this light module only (core pulls in torch via model.shards).
+    core, so that a spawned worker imports this light module only (not core's writer, sources, dedup).
     A record the reader could not parse is rejected here, not by the reader, so that the quarantine keeps
     stream order whatever the worker count."""
     raw, media = item

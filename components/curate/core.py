@@ -52,6 +52,7 @@ from components.curate.partition import (PartitionReader, partition_range, parti
                                          remove_partition, write_partition)
 from components.curate.sources import CurationError, RawRecord, open_source, synthetic_world
 from components.curate.stream import apply_sampling, checked_stream, select_indices
+from model.shard_writer import write_shards
 from onevision import storage
 from onevision.recipe import Recipe, load_recipe
 
@@ -223,7 +224,6 @@ def _curate_into(data: DataRecipe, out: str, work: Path, staging: Path, workers:
     stats = CardStats()
     quarantine = _Quarantine(staging / "quarantine.jsonl")
     started = time.perf_counter()
-    from model.shards import write_shards  # here: spawned workers re-import this module, and this pulls torch
 
     publishing = False
     try:

@@ -291,7 +291,7 @@ def test_streamed_training_killed_then_resumed_gives_the_uninterrupted_weights(t
     fresh work dir (a new pod: an empty cache). Same losses, same weights; the cache never held the stage."""
     import yaml
 
-    from model.shards import write_shards
+    from model.shard_writer import write_shards
 
     recipe, data = world
     local = ShardDataset(open_shards(str(data)))
@@ -327,7 +327,7 @@ def test_streamed_training_killed_then_resumed_gives_the_uninterrupted_weights(t
 
 def test_disk_full_during_curation_publishes_nothing(tmp_path: Path, world, monkeypatch) -> None:
     """(a) The work volume is full when the second shard is written: its file is /dev/full, where every
-    write gets the kernel's own ENOSPC through the real writer (webdataset -> tarfile -> io). (b) The out
+    write gets the kernel's own ENOSPC through the real writer (model/shard_writer -> tarfile -> io). (b) The out
     volume fills up halfway through publishing the second shard: the one copy the publish makes goes onto
     a volume with that many bytes free, then write() fails with ENOSPC, as the kernel's would. Either
     way: a DiskFullError that says so and names the path, no manifest and no shard at `out`, no staged

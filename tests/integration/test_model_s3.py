@@ -8,7 +8,8 @@ import torch
 
 from model.builder import build_tiny, load_pretrained
 from model.shard_index import INDEX_NAME
-from model.shards import ShardDataset, open_shards, write_shards
+from model.shard_writer import write_shards
+from model.shards import ShardDataset, open_shards
 from onevision import storage
 from onevision.recipe import load_recipe
 

@@ -19,7 +19,8 @@ from PIL import Image
 
 from model.batching import ShardWindowSampler
 from model.shard_cache import ShardCache
-from model.shards import ShardDataset, open_shards, write_shards
+from model.shard_writer import write_shards
+from model.shards import ShardDataset, open_shards
 from onevision import storage
 
 pytestmark = pytest.mark.integration

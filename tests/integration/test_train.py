@@ -145,7 +145,7 @@ def test_sigkill_then_restart_reproduces_the_uninterrupted_run(tmp_path: Path, c
 def test_failures_give_clear_messages(tmp_path: Path, curated) -> None:
     recipe = small_recipe(tmp_path)
     empty = tmp_path / "empty"
-    from model.shards import write_shards
+    from model.shard_writer import write_shards
 
     write_shards([], empty)
     storage.publish_dir(empty, str(tmp_path / "empty-pub"))

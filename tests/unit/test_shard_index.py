@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from model.shard_index import INDEX_NAME, index_shards, read_index, write_index
-from model.shards import ShardDataset, open_shards, write_shards
+from model.shard_writer import write_shards
+from model.shards import ShardDataset, open_shards
 from onevision import storage
 
 
