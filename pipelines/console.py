@@ -22,6 +22,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import io
+import math
 import re
 import sys
 import time
@@ -81,7 +82,7 @@ class TaskConsole(io.TextIOBase):
         self._log: TextIO | None = None
         self._outputs: dict[str, str] | None = None
         self._bar: Any = None
-        self._last_plain = 0.0
+        self._last_plain = -math.inf  # the first line always shows (monotonic() may be under the interval after boot)
         self._run_log = (self.logs_dir / "00-run.log").open("a")
 
     # -- the stream ----------------------------------------------------------------------------------
