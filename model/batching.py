@@ -220,7 +220,8 @@ class ModalityLengthGroupedSampler(Sampler[int]):
                  megabatch_batches: int = 16, seed: int = 0):
         if len(lengths) != len(is_visual):
             raise ValueError("lengths and is_visual differ in size")
-        self.lengths, self.is_visual = list(lengths), list(is_visual)
+        # (N,) arrays, not lists: a stage of millions of samples costs no Python object per sample
+        self.lengths, self.is_visual = np.asarray(lengths), np.asarray(is_visual, dtype=bool)
         self.batch_size, self.megabatch = batch_size, batch_size * megabatch_batches
         self.seed, self.epoch = seed, 0
 
@@ -232,17 +233,18 @@ class ModalityLengthGroupedSampler(Sampler[int]):
 
     def batches(self) -> list[list[int]]:
         rng = random.Random(self.seed * 1000003 + self.epoch)
-        return self._grouped(range(len(self.lengths)), rng)
+        return self._grouped(np.arange(len(self.lengths)), rng)
 
     def _grouped(self, indices: Iterable[int], rng: random.Random) -> list[list[int]]:
         """`indices` in batches of one modality, length-sorted within megabatches, in shuffled order."""
         batches: list[list[int]] = []
-        indices = list(indices)
+        indices = np.asarray(indices if isinstance(indices, np.ndarray) else list(indices), dtype=np.int64)
         for visual in (True, False):
-            group = [i for i in indices if self.is_visual[i] == visual]
+            group = indices[self.is_visual[indices] == visual].tolist()  # in `indices` order
             rng.shuffle(group)
             for start in range(0, len(group), self.megabatch):
-                mega = sorted(group[start: start + self.megabatch], key=lambda j: -self.lengths[j])
+                chunk = np.asarray(group[start: start + self.megabatch], dtype=np.int64)
+                mega = chunk[np.argsort(-self.lengths[chunk].astype(np.int64), kind="stable")].tolist()  # longest first
                 batches += [mega[i: i + self.batch_size] for i in range(0, len(mega), self.batch_size)]
         rng.shuffle(batches)
         return batches
@@ -254,9 +256,12 @@ class ModalityLengthGroupedSampler(Sampler[int]):
 def samples_by_shard(shard_of: Sequence[int]) -> dict[int, np.ndarray]:
     """shard -> its sample ids (in id order): what the shard samplers window over."""
     shard_of = np.asarray(shard_of, dtype=np.int64)
-    order = np.argsort(shard_of, kind="stable")  # (N,) sample ids grouped by shard, in id order
-    shards, starts = np.unique(shard_of[order], return_index=True)
-    return {int(shard): order[start:end] for shard, start, end in zip(shards, starts, [*starts[1:], len(order)], strict=True)}
+    in_order = bool(np.all(shard_of[1:] >= shard_of[:-1]))  # an index lists samples in shard order
+    order = np.arange(len(shard_of)) if in_order else np.argsort(shard_of, kind="stable")  # (N,) grouped by shard
+    grouped = shard_of[order]
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(grouped)) + 1]) if len(grouped) else np.zeros(0, np.int64)
+    ends = [*starts[1:].tolist(), len(order)]
+    return {int(grouped[start]): order[start:end] for start, end in zip(starts.tolist(), ends, strict=True)}
 
 
 class ShardWindowSampler(ModalityLengthGroupedSampler):

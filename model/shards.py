@@ -72,8 +72,9 @@ class ShardDataset(Dataset):
         self.cache = cache
         table = index if index is not None else load_index(self.shards)
         shard_of = _positions(table.column("shard"), [s.name for s in self.shards])
-        order = np.argsort(shard_of, kind="stable")  # samples numbered in shard order, then write order
-        in_order = np.array_equal(order, np.arange(len(order)))
+        # samples numbered in shard order, then write order: the index's own order (no sort) when it is so
+        in_order = bool(np.all(shard_of[1:] >= shard_of[:-1]))
+        order = np.arange(len(shard_of)) if in_order else np.argsort(shard_of, kind="stable")
         if members is not None and not in_order:  # the reader's row numbers would not be the samples'
             table, members = read_index(members.path), None
         self.index = table if in_order else table.take(pa.array(order))
@@ -129,9 +130,9 @@ class ShardDataset(Dataset):
         media = self._read(index)
         return json.loads(media.pop("json")), media
 
-    def shard_of(self) -> list[int]:
-        """Each sample's shard (its position in self.shards): what ShardWindowSampler windows over."""
-        return self._shard.tolist()
+    def shard_of(self) -> np.ndarray:
+        """(N,) each sample's shard (its position in self.shards): what ShardWindowSampler windows over."""
+        return self._shard.copy()
 
     @classmethod
     def streaming(cls, uri: str, cache_dir: str | Path, cap_bytes: int, sample_processor: Any = None) -> ShardDataset:
@@ -161,13 +162,16 @@ class ShardDataset(Dataset):
         record, media = self.raw(index)
         return self.sample_processor(record, media=media)
 
-    def lengths(self) -> tuple[list[int], list[bool]]:
-        """Per-sample (length estimate, is_visual) for the modality-length sampler, from the index:
-        `meta.num_tokens` when curation wrote it, else words of the conversation + 128 per visual input
-        (LLaVA-NeXT's modality_lengths estimate)."""
-        lengths = self.index.column("num_tokens").to_numpy().astype(int).tolist()
-        visual = pc.not_equal(self.index.column("modality"), "text").to_numpy(zero_copy_only=False).tolist()
-        return lengths, visual
+    def lengths(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-sample (length estimate, is_visual), two (N,) arrays for the modality-length sampler, from the
+        index: `meta.num_tokens` when curation wrote it, else words of the conversation + 128 per visual
+        input (LLaVA-NeXT's modality_lengths estimate)."""
+        lengths = self.index.column("num_tokens").to_numpy()  # int32, no copy
+        modality = self.index.column("modality").combine_chunks()
+        if pa.types.is_dictionary(modality.type):  # a streamed index: compare the few names, then take by code
+            visual = pc.not_equal(modality.dictionary, "text").to_numpy(zero_copy_only=False)
+            return lengths, visual[modality.indices.to_numpy()]
+        return lengths, pc.not_equal(modality, "text").to_numpy(zero_copy_only=False)
 
     def __del__(self) -> None:
         for fd in getattr(self, "_fds", {}).values() if getattr(self, "_pid", None) == os.getpid() else ():

@@ -103,8 +103,7 @@ def build_datasets(recipe: Recipe, stage: StageSpec, stage_name: str, processor:
     # streamed, it is drawn from the last shards only, so that measuring it fetches a few shards, not all
     candidates = indices
     if dataset.cache is not None:  # the 10 x holdout samples of the last shards
-        shard_of = dataset.shard_of()
-        candidates = sorted(np.argsort(-np.asarray(shard_of), kind="stable")[:10 * holdout].tolist())
+        candidates = sorted(np.argsort(-dataset.shard_of(), kind="stable")[:10 * holdout].tolist())
     order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(recipe.training.seed))
     held = {candidates[j] for j in order[:holdout].tolist()}
     train = torch.utils.data.Subset(dataset, [i for i in indices if i not in held])
@@ -204,12 +203,12 @@ def make_trainer(recipe: Recipe, stage: StageSpec, stage_name: str, args: Any, m
     class StageTrainer(Trainer):
         def _get_train_sampler(self, train_dataset=None):
             base = self.train_dataset.dataset
-            lengths, visual = base.lengths()
-            keep = self.train_dataset.indices
+            lengths, visual = base.lengths()  # (N,) arrays over the whole stage
+            keep = np.asarray(self.train_dataset.indices, dtype=np.int64)  # less the held-out samples
             # batches of one *global* batch: the same samples meet in a step at any world size
             if base.cache is not None:  # streamed: a window of shards at a time (the cache holds a window)
                 shard_of = base.shard_of()
-                kept = ([lengths[i] for i in keep], [visual[i] for i in keep], [shard_of[i] for i in keep])
+                kept = (lengths[keep], visual[keep], shard_of[keep])
                 if self.args.world_size > 1:  # each rank reads only the shards it owns this epoch
                     try:
                         return RankShardSampler(*kept, global_batch=global_batch, ranks=self.args.world_size,
@@ -219,8 +218,8 @@ def make_trainer(recipe: Recipe, stage: StageSpec, stage_name: str, args: Any, m
                         print(f"[shards] {err}: every rank reads every shard", flush=True)
                 return ShardWindowSampler(*kept, batch_size=global_batch, window_shards=recipe.training.shard_window,
                                           seed=recipe.training.seed)
-            return ModalityLengthGroupedSampler([lengths[i] for i in keep], [visual[i] for i in keep],
-                                                batch_size=global_batch, seed=recipe.training.seed)
+            return ModalityLengthGroupedSampler(lengths[keep], visual[keep], batch_size=global_batch,
+                                                seed=recipe.training.seed)
 
         def create_optimizer(self, model=None):
             opt_model = self.model if model is None else model

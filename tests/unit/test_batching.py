@@ -84,6 +84,39 @@ def test_sampler_groups_by_modality_and_length_and_is_seeded() -> None:
         ModalityLengthGroupedSampler([1, 2], [True], 1)
 
 
+def test_samplers_take_the_index_arrays_and_keep_the_list_order() -> None:
+    """The samplers work on (N,) arrays as the index gives them (int32 lengths, bool, int32 shards) with
+    the batches that Python lists give, and a megabatch sorts longest first with ties in shuffled order
+    (sorted() with a key, as LLaVA-NeXT's grouping does): the order a resumed run replays."""
+    import random
+
+    import numpy as np
+
+    rng = random.Random(5)
+    lengths = [rng.choice([10, 20, 30]) for _ in range(300)]  # many ties
+    visual = [rng.random() < 0.7 for _ in range(300)]
+    shard_of = [i // 37 for i in range(300)]
+
+    def reference(indices: list[int], seed_rng: random.Random) -> list[list[int]]:
+        batches = []
+        for modality in (True, False):
+            group = [i for i in indices if visual[i] == modality]
+            seed_rng.shuffle(group)
+            for at in range(0, len(group), 16):
+                mega = sorted(group[at: at + 16], key=lambda j: -lengths[j])
+                batches += [mega[k: k + 4] for k in range(0, len(mega), 4)]
+        seed_rng.shuffle(batches)
+        return batches
+
+    arrays = (np.array(lengths, np.int32), np.array(visual), np.array(shard_of, np.int32))
+    plain = ModalityLengthGroupedSampler(*arrays[:2], batch_size=4, megabatch_batches=4, seed=2)
+    assert plain.batches() == reference(list(range(300)), random.Random(2 * 1000003))
+    assert plain.batches() == ModalityLengthGroupedSampler(lengths, visual, 4, 4, seed=2).batches()
+    window = ShardWindowSampler(*arrays, batch_size=4, window_shards=3, megabatch_batches=4, seed=2)
+    assert window.batches() == ShardWindowSampler(lengths, visual, shard_of, 4, 3, 4, seed=2).batches()
+    assert sorted(i for batch in window.batches() for i in batch) == list(range(300))
+
+
 def test_window_sampler_reads_a_window_of_shards_at_a_time_and_every_sample_once() -> None:
     rng = torch.Generator().manual_seed(1)
     shard_of = [i // 10 for i in range(120)]  # 12 shards of 10
