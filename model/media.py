@@ -62,20 +62,27 @@ def not_an_image(data: bytes) -> str:
     return f"not an image: starts with bytes {data[:4].hex()}"
 
 
-def image_size(data: bytes, name: str = "<bytes>") -> tuple[int, int]:
-    """(width, height) from the header alone; ImageBombError over MAX_IMAGE_PIXELS, MediaError if unreadable."""
+def _open_header(data: bytes, name: str) -> Image.Image:
+    """The image with its header parsed and no pixel decoded; ImageBombError over MAX_IMAGE_PIXELS,
+    MediaError if unreadable."""
     try:
-        with Image.open(io.BytesIO(data)) as header:  # parses the header only; no pixel is decoded
-            width, height = header.size
+        image = Image.open(io.BytesIO(data))  # in memory: nothing to leak
     except Image.DecompressionBombError as err:  # PIL's own cap (2x its warning limit) fired first
         raise ImageBombError(f"{name}: {err}") from None
     except Image.UnidentifiedImageError:
         raise MediaError(f"{name}: {not_an_image(data)}") from None
     except (OSError, ValueError, SyntaxError) as err:
         raise MediaError(f"{name}: not a decodable image ({describe_error(err)})") from None
+    width, height = image.size
     if width * height > MAX_IMAGE_PIXELS:
         raise ImageBombError(f"{name}: {width}x{height} exceeds {MAX_IMAGE_PIXELS} pixels (from its header)")
-    return width, height
+    return image
+
+
+def image_size(data: bytes, name: str = "<bytes>") -> tuple[int, int]:
+    """(width, height) from the header alone; ImageBombError over MAX_IMAGE_PIXELS, MediaError if unreadable."""
+    with _open_header(data, name) as header:
+        return header.size
 
 
 ORIENTATION_TAG = 0x0112  # EXIF Orientation; 1 = upright
@@ -101,12 +108,25 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 def decode_image(data: bytes, name: str = "<bytes>") -> Image.Image:
     """Bytes -> RGB image, validated (size cap from the header before decoding, then a full decode)."""
-    image_size(data, name)
+    return decode_image_sized(data, name)[1]
+
+
+def decode_image_sized(data: bytes, name: str = "<bytes>",
+                       draft_side: int | None = None) -> tuple[tuple[int, int], Image.Image]:
+    """((width, height) as stored, the RGB image): decode_image, with the stored size beside the pixels.
+
+    `draft_side`: a JPEG is decoded at the smallest scale (1/2, 1/4, 1/8: libjpeg's DCT scaling) whose both
+    sides are at least this; the whole entropy-coded stream is still read, so a truncated or corrupt file
+    fails as in a full decode (tests/unit/test_media.py), at about half the cost. Other formats: full size.
+    For checks that need only a small picture (curation's pHash)."""
+    # no `with`: closing the image would free the pixels returned when no conversion copies them
+    image = _open_header(data, name)
+    size = image.size
     try:
-        # no `with`: closing the image would free the pixels returned when no conversion copies them
-        image = Image.open(io.BytesIO(data))  # in memory: nothing to leak
         if getattr(image, "is_animated", False):
             image.seek(0)  # animated GIF/WebP: the first frame
+        if draft_side and image.format == "JPEG":
+            image.draft("RGB", (draft_side, draft_side))
         image.load()
         if image.getexif().get(ORIENTATION_TAG, 1) != 1:  # exif_transpose copies even an upright image
             image = ImageOps.exif_transpose(image) or image
@@ -115,7 +135,7 @@ def decode_image(data: bytes, name: str = "<bytes>") -> Image.Image:
         raise MediaError(f"{name}: not a decodable image ({describe_error(err)})") from None
     if min(rgb.size) < 1:
         raise MediaError(f"{name}: empty image {rgb.size}")
-    return rgb
+    return size, rgb
 
 
 def load_image(path: str | os.PathLike[str]) -> Image.Image:

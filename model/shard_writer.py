@@ -6,6 +6,7 @@ The tars are byte for byte what webdataset's `ShardWriter(..., mtime=0, verbose=
 names and order, headers, shard boundaries; tests/unit/test_shards.py compares the bytes with webdataset's
 own). They are written with the standard library's tarfile because `import webdataset` imports torch: 1.4 s
 at the start of every curate task and partition pod, which need nothing else of torch (bench_pipeline).
+The index (model/shard_index.py) is taken as the members are written: no tar is read back.
 
 Each sample is a group of members sharing a key: `<key>.json` (the LLaVA record, its media paths rewritten
 to member names such as `img0.png`) and `<key>.img0.png`, `<key>.vid0.mp4`, ...
@@ -21,7 +22,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from model.shard_index import INDEX_NAME, index_shards, write_index
+import pyarrow as pa
+
+from model.shard_index import INDEX_NAME, SCHEMA, describe, index_shards, write_index
 
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 # webdataset's TarWriter defaults: read-only members of user and group "bigdata"
@@ -61,6 +64,8 @@ class _Shards:
     def __init__(self, out: Path, prefix: str, max_count: int, max_bytes: int) -> None:
         self.out, self.prefix, self.max_count, self.max_bytes = out, prefix, max_count, max_bytes
         self.number, self.count, self.size = 0, 0, 0
+        self.written: list[Path] = []
+        self.rows: dict[str, list[Any]] = {name: [] for name in SCHEMA.names}  # the index, as written
         self.file: BinaryIO | None = None
         self.tar: tarfile.TarFile | None = None
         self._next()
@@ -73,21 +78,29 @@ class _Shards:
 
     def _next(self) -> None:
         self._close()
-        self.file = open(self.out / f"{self.prefix}-{self.number:06d}.tar", "wb")
+        self.written.append(self.out / f"{self.prefix}-{self.number:06d}.tar")
+        self.file = open(self.written[-1], "wb")
         self.tar = tarfile.open(fileobj=self.file, mode="w|")
         self.number, self.count, self.size = self.number + 1, 0, 0
 
     def write(self, key: str, members: Mapping[str, bytes]) -> None:
         if self.count >= self.max_count or self.size >= self.max_bytes:
             self._next()
-        for suffix in sorted(members):  # webdataset writes a sample's members in name order
+        suffixes, offsets = sorted(members), []  # webdataset writes a sample's members in name order
+        for suffix in suffixes:
             data = members[suffix]
             info = tarfile.TarInfo(f"{key}.{suffix}")
             info.size, info.mtime, info.mode = len(data), 0, MEMBER_MODE
             info.uname = info.gname = MEMBER_OWNER
             self.tar.addfile(info, io.BytesIO(data))
+            padded = -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+            offsets.append(self.tar.offset - padded)  # the data follows the header(s) the member took
             self.size += len(data)
         self.count += 1
+        described = describe(json.loads(members["json"]))
+        for name, value in (("shard", self.written[-1].name), ("key", key), ("members", suffixes),
+                            ("offsets", offsets), ("sizes", [len(members[x]) for x in suffixes]), *described.items()):
+            self.rows[name].append(value)
 
     def __enter__(self) -> _Shards:
         return self
@@ -109,5 +122,8 @@ def write_shards(samples: Iterable[tuple[dict[str, Any], Mapping[str, bytes]]], 
     with _Shards(out, prefix, max_per_shard, max_bytes) as shards:
         for index, (record, media) in enumerate(samples):
             shards.write(shard_key(str(record["id"]), index), sample_members(record, media))
-    write_index(index_shards(sorted(out.glob("*.tar"))), out / INDEX_NAME)  # every tar of the folder
+    every = sorted(out.glob("*.tar"))  # the index covers every tar of the folder
+    # the rows taken while writing (no tar read back), unless the folder holds tars of another prefix
+    table = pa.Table.from_pydict(shards.rows, schema=SCHEMA) if every == shards.written else index_shards(every)
+    write_index(table, out / INDEX_NAME)
     return sorted(out.glob(f"{prefix}-*.tar"))

@@ -31,7 +31,7 @@ class Deduplicator:
         if self.near_distance is not None and verdict.phashes:
             for phashes, first in self._by_text.get(verdict.text_key, []):
                 if len(phashes) == len(verdict.phashes):
-                    distance = max(bin(a ^ b).count("1") for a, b in zip(phashes, verdict.phashes))
+                    distance = max((a ^ b).bit_count() for a, b in zip(phashes, verdict.phashes))
                     if distance <= self.near_distance:
                         return "near_duplicate", (f"near-duplicate of {first} (same conversation, pHash "
                                                   f"distance {distance} <= {self.near_distance})")

@@ -75,6 +75,27 @@ def test_garbage_and_bombs_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     assert media.image_size(_encode(Image.new("RGB", (10, 10)), "PNG")) == (10, 10)
 
 
+def test_a_draft_decode_is_small_and_still_refuses_a_broken_jpeg() -> None:
+    """draft_side: a JPEG decodes at the smallest DCT scale that keeps both sides >= it (768x512 -> 96x64),
+    close to the full decode shrunk; a truncated or corrupted one fails as in the full decode; a PNG comes
+    at full size."""
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).resize((768, 512), Image.BICUBIC)
+    data = _encode(photo, "JPEG", quality=90)
+    stored, small = media.decode_image_sized(data, "p.jpg", draft_side=64)
+    assert stored == (768, 512) and small.size == (96, 64) and small.mode == "RGB"
+    shrunk = media.decode_image(data, "p.jpg").reduce(8)
+    assert np.abs(np.asarray(small, np.int16) - np.asarray(shrunk, np.int16)).mean() < 4
+    assert media.decode_image_sized(data, "p.jpg", draft_side=400)[1].size == (768, 512)  # 1/2: under 400
+    for broken in (data[: len(data) * 2 // 3], data[:600] + bytes(len(data) - 600)):  # cut; zeroed after 600 B
+        with pytest.raises(media.MediaError, match="p.jpg"):
+            media.decode_image(broken, "p.jpg")
+        with pytest.raises(media.MediaError, match="p.jpg"):
+            media.decode_image_sized(broken, "p.jpg", draft_side=64)
+    png = _encode(photo, "PNG")
+    assert media.decode_image_sized(png, "p.png", draft_side=64)[1].size == (768, 512)
+
+
 def test_video_uniform_sampling(media_dir) -> None:
     frames = media.load_video(media_dir / "clip.mp4", num_frames=4)
     assert frames.shape == (4, 48, 64, 3) and frames.dtype == np.uint8

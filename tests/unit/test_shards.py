@@ -61,6 +61,7 @@ def test_shard_writer_writes_webdataset_s_bytes(media_dir: Path, tmp_path: Path,
     empty shard, as webdataset writes)."""
     import webdataset as wds
 
+    from model.shard_index import INDEX_NAME, index_shards, read_index
     from model.shard_writer import sample_members, shard_key
 
     def webdataset_shards(samples: list, out: Path) -> dict[str, bytes]:
@@ -75,6 +76,8 @@ def test_shard_writer_writes_webdataset_s_bytes(media_dir: Path, tmp_path: Path,
         ours = write_shards(samples, tmp_path / name / "ours", max_per_shard=max_per_shard, max_bytes=max_bytes)
         assert {p.name: p.read_bytes() for p in ours} == webdataset_shards(samples, tmp_path / name / "wds"), name
         assert len(ours) == count, name
+        # the index taken while writing is the one read back from the tars (offsets, sizes, members...)
+        assert read_index(ours[0].parent / INDEX_NAME).equals(index_shards(ours)), name
 
 
 def test_curation_s_writer_does_not_import_torch() -> None:
