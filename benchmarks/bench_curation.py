@@ -6,7 +6,8 @@
 Corpus: a LLaVA JSONL of single-image VQA records over photo-like JPEGs (smooth random fields, 384x384
 and 768x512, the sizes of real training images), each image stored once on local disk.
 Baseline ("decode-only"): one process, a loop that reads every record's image file and decodes it fully
-with `model.media.decode_image` - the work no curation can avoid. Ours: `curate_stage` on the same
+with `model.media.decode_image` - the limit issue 15 names (curation now decodes a JPEG's every byte but
+only to the pHash's scale, libjpeg's DCT scaling, so it can come near or past it). Ours: `curate_stage` on the same
 corpus, everything on (validation, pHash + exact dedup, classification, normalisation, shards,
 quarantine, data card, publish), with 1 worker (in-process) and 2 worker processes. A ratio near 1
 with one worker means curation costs little beyond decoding; with 2 workers it can exceed 1.
