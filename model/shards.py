@@ -107,6 +107,7 @@ class ShardDataset(Dataset):
         """The bytes of sample `index`'s members (all of them by default), read by offset (no seek: os.pread
         is safe across threads). A streamed shard is opened for the sample and closed after it; one that
         another process evicted between fetch and open is fetched again."""
+        index = int(index)  # a numpy integer from a Subset's index array
         members = self._members_of(index)
         shard = int(self._shard[index])
         if self.cache is None:

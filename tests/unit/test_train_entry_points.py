@@ -43,3 +43,4 @@ def test_the_step_hands_every_flag_on_to_the_trainer() -> None:
                              given["work_dir"], given["mlflow_parent"], given["holdout"], given["summary"])
     received = vars(trainer.add_stage_arguments(argparse.ArgumentParser()).parse_args(handed))
     assert received == given
+
