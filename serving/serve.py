@@ -138,6 +138,8 @@ def _serve_triton(model_uri: str, port: int, name: str, max_batch_size: int, max
     import tempfile
     import time
 
+    import serving.triton_client  # noqa: F401 - before the signals are armed: a SIGINT that lands inside an
+    # import of a C extension (numpy, under tritonclient) comes out as ImportError, not KeyboardInterrupt
     from serving.auth_proxy import AuthProxy
     from serving.triton_repo import TritonServer, build_model_repository
 
