@@ -38,7 +38,8 @@ def shard_key(sample_id: str, index: int) -> str:
 
 def sample_members(record: Mapping[str, Any], media: Mapping[str, bytes]) -> dict[str, bytes]:
     """{member suffix: bytes} of one sample: its media as img<i>.<ext> / vid<i>.<ext>, and the record as
-    `json` with its media paths rewritten to those names."""
+    `json` with its media paths rewritten to those names. ValueError naming the record and path when
+    `media` lacks the bytes of one of its paths."""
     record = dict(record)
     members: dict[str, bytes] = {}
     for field, tag in (("image", "img"), ("video", "vid")):
@@ -49,6 +50,8 @@ def sample_members(record: Mapping[str, Any], media: Mapping[str, bytes]) -> dic
         for i, path in enumerate([paths] if isinstance(paths, str) else paths):
             ext = Path(path).suffix.lower().lstrip(".") or "bin"
             name = f"{tag}{i}.{ext}"
+            if path not in media:
+                raise ValueError(f"record {record.get('id')!r}: no bytes given for its {field} {path!r}")
             members[name] = media[path]
             names.append(name)
         record[field] = names[0] if isinstance(paths, str) else names
@@ -83,7 +86,8 @@ class _Shards:
         self.tar = tarfile.open(fileobj=self.file, mode="w|")
         self.number, self.count, self.size = self.number + 1, 0, 0
 
-    def write(self, key: str, members: Mapping[str, bytes]) -> None:
+    def write(self, key: str, members: Mapping[str, bytes], described: Mapping[str, Any]) -> None:
+        """One sample's members; `described`: its index columns (shard_index.describe of its record)."""
         if self.count >= self.max_count or self.size >= self.max_bytes:
             self._next()
         suffixes, offsets = sorted(members), []  # webdataset writes a sample's members in name order
@@ -97,7 +101,6 @@ class _Shards:
             offsets.append(self.tar.offset - padded)  # the data follows the header(s) the member took
             self.size += len(data)
         self.count += 1
-        described = describe(json.loads(members["json"]))
         for name, value in (("shard", self.written[-1].name), ("key", key), ("members", suffixes),
                             ("offsets", offsets), ("sizes", [len(members[x]) for x in suffixes]), *described.items()):
             self.rows[name].append(value)
@@ -121,7 +124,8 @@ def write_shards(samples: Iterable[tuple[dict[str, Any], Mapping[str, bytes]]], 
     out.mkdir(parents=True, exist_ok=True)
     with _Shards(out, prefix, max_per_shard, max_bytes) as shards:
         for index, (record, media) in enumerate(samples):
-            shards.write(shard_key(str(record["id"]), index), sample_members(record, media))
+            # describe() counts the media and reads meta: the same for the record as for its rewritten copy
+            shards.write(shard_key(str(record["id"]), index), sample_members(record, media), describe(record))
     every = sorted(out.glob("*.tar"))  # the index covers every tar of the folder
     # the rows taken while writing (no tar read back), unless the folder holds tars of another prefix
     table = pa.Table.from_pydict(shards.rows, schema=SCHEMA) if every == shards.written else index_shards(every)

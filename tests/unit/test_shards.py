@@ -90,3 +90,9 @@ def test_curation_s_writer_does_not_import_torch() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_sample_without_its_media_bytes_is_a_clear_error(tmp_path: Path) -> None:
+    record = {"id": "r1", "image": ["a.png", "b.png"], "conversations": []}
+    with pytest.raises(ValueError, match=r"record 'r1': no bytes given for its image 'b.png'"):
+        write_shards([(record, {"a.png": b"x"})], tmp_path / "out")
