@@ -21,6 +21,10 @@ Fan-out (curation.partitions): 2 partition "pods" (spawned processes, 1 worker a
 together on this 2-core machine), then the merge, timed from outside as one wall clock, vs one pod
 (curate_stage, 1 worker) on the same corpus. Also reported: the merge's share of the fanned-out time
 (the serial part: it bounds the speed-up of any partition count).
+
+Near-duplicate search: the deduplicator alone on 8x as many pHash records over the corpus's 9 conversations,
+its band index against the same deduplicator with the index off (a scan of every earlier record of the
+conversation, what it did before); both must find the same duplicates.
 """
 
 from __future__ import annotations
@@ -117,6 +121,40 @@ def fan_out(corpus: Path, work: Path, partitions: int = 2) -> dict[str, float]:
             "wall_s": end - start, "partition_s": max(pods)}
 
 
+def near_dup_search(n: int) -> dict[str, float]:
+    """Records/s of the deduplicator alone on n records over 9 conversations (the corpus's: a few questions,
+    short answers), a tenth of the images a few-bits-off copy of an earlier one (a duplicate only when the
+    conversation matches too): with the band index (ours) and with it off, each kept record of the
+    conversation scanned (the baseline)."""
+    import random
+
+    from components.curate.checks import Verdict
+    from components.curate.dedup import Deduplicator
+
+    rng = random.Random(0)
+    hashes: list[int] = []
+    stream = []
+    for i in range(n):
+        if hashes and rng.random() < 0.1:
+            value = rng.choice(hashes)
+            for bit in rng.sample(range(64), rng.randint(0, 3)):
+                value ^= 1 << bit
+        else:
+            value = rng.getrandbits(64)
+            hashes.append(value)
+        stream.append(Verdict(None, content_hash=f"{i}", text_key=f"q{i % 9}", phashes=(value,)))
+    rates = {}
+    for name, index_from in (("band_index", None), ("full_scan", n + 1)):
+        dedup = Deduplicator(True, 4) if index_from is None else Deduplicator(True, 4, index_from=index_from)
+        start = time.perf_counter()
+        duplicates = sum(dedup.check(v, f"src#{i}") is not None for i, v in enumerate(stream))
+        rates[name] = n / (time.perf_counter() - start)
+        rates[f"{name}_duplicates"] = duplicates
+    if rates["band_index_duplicates"] != rates["full_scan_duplicates"]:
+        raise AssertionError(f"the band index found other duplicates than the scan: {rates}")
+    return {"records": n, **{k: round(v, 1) for k, v in rates.items()}}
+
+
 def _source_bytes_on_node(node: Path) -> int:
     """Bytes a run left in its work folder apart from the staging copy of its output (kept by keep_work)."""
     return sum(p.stat().st_size for p in node.rglob("*")
@@ -182,6 +220,7 @@ def measure(records: int, repeats: int) -> dict:
             rates["curate_2_partitions"], fanned = run["records_per_s"], run
     s3 = s3_sources(corpus, work, repeats)
     shutil.rmtree(work, ignore_errors=True)
+    dedup = near_dup_search(8 * records)
     return {
         "benchmark": "curation records/s vs decode-only",
         "records": records, "repeats": repeats,
@@ -190,6 +229,7 @@ def measure(records: int, repeats: int) -> dict:
         "ratio_vs_decode_only": {k: round(v / rates["decode_only"], 3) for k, v in rates.items() if k != "decode_only"},
         "s3_sources": s3,
         "fan_out_2_partitions": {k: round(v, 2) for k, v in fanned.items()},
+        "near_dup_search": dedup,
     }
 
 
@@ -216,7 +256,12 @@ def run(quick: bool = False) -> dict:
                       "ours": rate["curate_2_partitions"], "baseline": rate["curate_1_worker"],
                       "notes": "baseline: one pod, 1 worker; the pods are processes started together on this "
                                f"machine's cores; merge {raw['fan_out_2_partitions']['merge_s']} s of "
-                               f"{raw['fan_out_2_partitions']['wall_s']} s (the serial part)"}],
+                               f"{raw['fan_out_2_partitions']['wall_s']} s (the serial part)"},
+                     {"label": f"near-duplicate search, {raw['near_dup_search']['records']} records on 9 conversations",
+                      "ours": raw["near_dup_search"]["band_index"], "baseline": raw["near_dup_search"]["full_scan"],
+                      "notes": "the deduplicator alone; baseline: the same one with its band index off (each "
+                               "record against every earlier one of its conversation); the same "
+                               f"{raw['near_dup_search']['band_index_duplicates']} duplicates found"}],
             "series": {"throughput": {"kind": "bar", "title": "curation records/s", "ylabel": "records/s",
                                       "x": ["decode-only (baseline)", "curate, 1 worker", "curate, 2 workers",
                                             "2 partitions + merge"],
