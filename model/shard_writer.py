@@ -4,8 +4,13 @@
 
 The tars are byte for byte what webdataset's `ShardWriter(..., mtime=0, verbose=0)` writes (the same member
 names and order, headers, shard boundaries; tests/unit/test_shards.py compares the bytes with webdataset's
-own). They are written with the standard library's tarfile because `import webdataset` imports torch: 1.4 s
-at the start of every curate task and partition pod, which need nothing else of torch (bench_pipeline).
+own). They are not written through webdataset because `import webdataset` imports torch: 1.4 s at the start
+of every curate task and partition pod, which need nothing else of torch (bench_pipeline). Nor through
+tarfile.addfile: per member it copies the TarInfo, keeps it in a list and pushes the data through its stream
+buffer 10 KiB at a time, ~0.1 ms of the curation parent's time per member, which all of its workers wait on
+(bench_curation). Each header is the one tarfile makes (`member_header`: for an ASCII name of up to 100
+bytes, tarfile's ustar header filled in; any other name goes through `TarInfo.tobuf`, pax records and all),
+the data follows it, padded to a block, and the end is tarfile's: two zero blocks, padded to a record.
 The index (model/shard_index.py) is taken as the members are written: no tar is read back.
 
 Each sample is a group of members sharing a key: `<key>.json` (the LLaVA record, its media paths rewritten
@@ -14,13 +19,12 @@ to member names such as `img0.png`) and `<key>.img0.png`, `<key>.vid0.mp4`, ...
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import tarfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import pyarrow as pa
 
@@ -29,6 +33,57 @@ from model.shard_index import INDEX_NAME, SCHEMA, describe, index_shards, write_
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 # webdataset's TarWriter defaults: read-only members of user and group "bigdata"
 MEMBER_MODE, MEMBER_OWNER = 0o444, "bigdata"
+BLOCK, RECORD = tarfile.BLOCKSIZE, tarfile.RECORDSIZE
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, MEMBER_MODE
+    info.uname = info.gname = MEMBER_OWNER
+    return info
+
+
+_USTAR = bytearray(_tarinfo("", 0).tobuf(tarfile.PAX_FORMAT))  # name and size to fill, checksum to redo
+_NAME, _SIZE, _CHECKSUM = slice(0, 100), slice(124, 136), slice(148, 156)
+_MAX_SIZE = 8 ** 11  # the ustar size field's octal digits; a larger member takes a pax record
+
+
+def member_header(name: str, size: int) -> bytes:
+    """The header tarfile writes for a member of `size` bytes named `name` (PAX format, mtime 0, mode 0444,
+    owner bigdata): without pax records when the name is ASCII and at most 100 bytes, so the ustar fields
+    hold everything; else tarfile's own, pax records and all."""
+    raw = name.encode("ascii", "replace")
+    if len(raw) > 100 or size >= _MAX_SIZE or not name.isascii():
+        return _tarinfo(name, size).tobuf(tarfile.PAX_FORMAT)
+    header = bytearray(_USTAR)
+    header[:len(raw)] = raw
+    header[_SIZE] = b"%011o\0" % size
+    header[_CHECKSUM] = b"        "  # the checksum is summed over its field as eight spaces
+    header[148:155] = b"%06o\0" % sum(header)
+    return bytes(header)
+
+
+class _Tar:
+    """One tar file, the bytes tarfile's stream mode ("w|") writes for the same members."""
+
+    def __init__(self, path: Path) -> None:
+        self.file, self.offset = open(path, "wb"), 0
+
+    def add(self, name: str, data: bytes) -> int:
+        """Append a member; returns the offset of its data."""
+        header = member_header(name, len(data))
+        self.file.write(header)
+        start = self.offset + len(header)
+        self.file.write(data)
+        padding = -len(data) % BLOCK
+        self.file.write(b"\0" * padding)
+        self.offset = start + len(data) + padding
+        return start
+
+    def close(self) -> None:
+        end = self.offset + 2 * BLOCK  # two zero blocks, then zeros to a whole record (tar -b20)
+        self.file.write(b"\0" * (2 * BLOCK + -end % RECORD))
+        self.file.close()
 
 
 def shard_key(sample_id: str, index: int) -> str:
@@ -69,21 +124,18 @@ class _Shards:
         self.number, self.count, self.size = 0, 0, 0
         self.written: list[Path] = []
         self.rows: dict[str, list[Any]] = {name: [] for name in SCHEMA.names}  # the index, as written
-        self.file: BinaryIO | None = None
-        self.tar: tarfile.TarFile | None = None
+        self.tar: _Tar | None = None
         self._next()
 
     def _close(self) -> None:
         if self.tar is not None:
-            self.tar.close()  # stream mode: writes the end blocks, padded to a whole record
-            self.file.close()
-            self.tar = self.file = None
+            self.tar.close()
+            self.tar = None
 
     def _next(self) -> None:
         self._close()
         self.written.append(self.out / f"{self.prefix}-{self.number:06d}.tar")
-        self.file = open(self.written[-1], "wb")
-        self.tar = tarfile.open(fileobj=self.file, mode="w|")
+        self.tar = _Tar(self.written[-1])
         self.number, self.count, self.size = self.number + 1, 0, 0
 
     def write(self, key: str, members: Mapping[str, bytes], described: Mapping[str, Any]) -> None:
@@ -93,12 +145,7 @@ class _Shards:
         suffixes, offsets = sorted(members), []  # webdataset writes a sample's members in name order
         for suffix in suffixes:
             data = members[suffix]
-            info = tarfile.TarInfo(f"{key}.{suffix}")
-            info.size, info.mtime, info.mode = len(data), 0, MEMBER_MODE
-            info.uname = info.gname = MEMBER_OWNER
-            self.tar.addfile(info, io.BytesIO(data))
-            padded = -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-            offsets.append(self.tar.offset - padded)  # the data follows the header(s) the member took
+            offsets.append(self.tar.add(f"{key}.{suffix}", data))
             self.size += len(data)
         self.count += 1
         for name, value in (("shard", self.written[-1].name), ("key", key), ("members", suffixes),

@@ -72,12 +72,26 @@ def test_shard_writer_writes_webdataset_s_bytes(media_dir: Path, tmp_path: Path,
                 sink.write({"__key__": shard_key(str(record["id"]), index), **sample_members(record, media)})
         return {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}
 
-    for name, samples, count in (("all", list(_records(media_dir)), shards), ("none", [], 1)):
+    odd = [({"id": "x" * 90, "image": f"pic.{'e' * 12}", "conversations": []}, {f"pic.{'e' * 12}": b"long name"}),
+           ({"id": "accent", "image": "pic.jpég", "conversations": []}, {"pic.jpég": b"\xff" * 700})]
+    for name, samples, count in (("all", list(_records(media_dir)), shards), ("none", [], 1),
+                                 ("odd names", odd, 2 if max_bytes == 1 else 1)):
         ours = write_shards(samples, tmp_path / name / "ours", max_per_shard=max_per_shard, max_bytes=max_bytes)
         assert {p.name: p.read_bytes() for p in ours} == webdataset_shards(samples, tmp_path / name / "wds"), name
         assert len(ours) == count, name
         # the index taken while writing is the one read back from the tars (offsets, sizes, members...)
         assert read_index(ours[0].parent / INDEX_NAME).equals(index_shards(ours)), name
+
+
+@pytest.mark.parametrize("name", ["a.json", "0" * 100, "0" * 101, "k.img0.jpég", "k.vid0.mp4"])
+@pytest.mark.parametrize("size", [0, 1, 511, 512, 513, 8 ** 11 - 1, 8 ** 11])
+def test_member_header_is_tarfile_s(name: str, size: int) -> None:
+    """The filled-in ustar header equals tarfile's own (PAX format), pax records included where they are due."""
+    from model.shard_writer import MEMBER_MODE, MEMBER_OWNER, member_header
+
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uname, info.gname = size, 0, MEMBER_MODE, MEMBER_OWNER, MEMBER_OWNER
+    assert member_header(name, size) == info.tobuf(tarfile.PAX_FORMAT)
 
 
 def test_curation_s_writer_does_not_import_torch() -> None:
