@@ -44,7 +44,7 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
 
 
 _USTAR = bytearray(_tarinfo("", 0).tobuf(tarfile.PAX_FORMAT))  # name and size to fill, checksum to redo
-_NAME, _SIZE, _CHECKSUM = slice(0, 100), slice(124, 136), slice(148, 156)
+_SIZE, _CHECKSUM = slice(124, 136), slice(148, 156)  # ustar fields (the name is bytes 0-99)
 _MAX_SIZE = 8 ** 11  # the ustar size field's octal digits; a larger member takes a pax record
 
 
@@ -52,11 +52,10 @@ def member_header(name: str, size: int) -> bytes:
     """The header tarfile writes for a member of `size` bytes named `name` (PAX format, mtime 0, mode 0444,
     owner bigdata): without pax records when the name is ASCII and at most 100 bytes, so the ustar fields
     hold everything; else tarfile's own, pax records and all."""
-    raw = name.encode("ascii", "replace")
-    if len(raw) > 100 or size >= _MAX_SIZE or not name.isascii():
+    if not name.isascii() or len(name) > 100 or size >= _MAX_SIZE:
         return _tarinfo(name, size).tobuf(tarfile.PAX_FORMAT)
     header = bytearray(_USTAR)
-    header[:len(raw)] = raw
+    header[:len(name)] = name.encode("ascii")
     header[_SIZE] = b"%011o\0" % size
     header[_CHECKSUM] = b"        "  # the checksum is summed over its field as eight spaces
     header[148:155] = b"%06o\0" % sum(header)
