@@ -15,7 +15,8 @@ in a million-sample stage) is not scanned record by record: past BAND_INDEX_FROM
 hashes are also indexed by bands. Two hashes within d bits differ in at most d of d + 1 disjoint bands, so
 they agree on one (pigeonhole): the candidates sharing a band with the new hash include every near duplicate,
 and checking them in stream order gives the same answer as the full scan. The index costs d + 1 list entries
-per record of such a conversation (~0.3 KB at d = 4); a conversation of fewer records has none.
+per record of such a conversation (~0.4 KB more per record at d = 4: 515 vs 137 B measured with
+tracemalloc); a conversation of fewer records has none.
 """
 
 from __future__ import annotations
