@@ -53,21 +53,6 @@ def _map_chunk(fn: Callable[[T], R], chunk: list[T]) -> list[R]:
     return [fn(item) for item in chunk]
 
 
-# What a worker imports before its first record: the fork server imports it once, every worker inherits it.
-WORKER_PRELOAD = ["components.curate.checks", "imagehash"]
-
-
-def _worker_context() -> Any:
-    """Workers fork from multiprocessing's fork server: a fresh single-threaded process, started once per
-    process, that has imported WORKER_PRELOAD. Not plain fork: the parent may hold torch/MLflow threads, and a
-    forked lock never wakes up. Not spawn: each spawned worker imported the checks itself, ~0.5 s of CPU
-    apiece, which on a pod with as many workers as cores is taken from the workers (bench_curation).
-    The server keeps the environment it started with: workers only check bytes they are handed."""
-    context = get_context("forkserver")
-    context.set_forkserver_preload(WORKER_PRELOAD)
-    return context
-
-
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, chunk: int = 16,
                 window: int = 4) -> Iterator[tuple[T, R]]:
     """(item, fn(item)) in input order; with workers > 1, chunks of `chunk` items go to worker processes
@@ -76,7 +61,8 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, chunk: i
         for item in items:
             yield item, fn(item)
         return
-    with ProcessPoolExecutor(workers, mp_context=_worker_context()) as pool:
+    # spawn, not fork: the parent may hold torch/MLflow threads, and a forked lock never wakes up.
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
         pending: deque[tuple[list[T], Any]] = deque()
         iterator = iter(items)
         while True:
