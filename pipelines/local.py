@@ -14,9 +14,12 @@ the newest complete checkpoint) and skips (or continues); nothing finished is re
 
 from __future__ import annotations
 
+import builtins
+import contextlib
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -108,14 +111,33 @@ def log_task_logs(recipe_path: str, run_id: str, logs: Path) -> str | None:
     return parent.info.run_id
 
 
+@contextlib.contextmanager
+def kfp_local_session(pipeline_root: str | Path) -> Iterator[None]:
+    """kfp.local for the pipelines and components called inside: the subprocess runner on this interpreter,
+    outputs under `pipeline_root`; torn down afterwards.
+
+    kfp.local indents a task's printed output by swapping `builtins.print` for the task's duration. The
+    tasks of parallel branches (the curate fan-out) run in threads, and their swaps can interleave: the
+    first task out puts the original back, the last one out puts back the first one's indenting print,
+    which then stays installed (kfp 2.17). Every later print of this process would begin with spaces, to
+    stdout even when it is printed to stderr. The print in place before the session is put back."""
+    from kfp import local
+
+    print_before = builtins.print
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root))
+    try:
+        yield
+    finally:
+        local.config.LocalExecutionConfig.instance = None
+        builtins.print = print_before
+
+
 def run_local(recipe_path: str, state_dir: str | None = None, run_id: str | None = None,
               gitops_repo: str | None = None, params: dict[str, Any] | None = None,
               verbose: bool = False) -> dict[str, Any]:
     """Run the whole DAG on the local stack; returns the run summary. Raises PipelineFailed.
     The console shows a line per task (pipelines/console.py; `verbose`: the raw stream too); each task's
     full output goes to <state>/runs/<run id>/logs/ and to the parent MLflow run's artifacts."""
-    from kfp import local
-
     from pipelines.onevision import build_pipeline
 
     recipe_path = str(Path(recipe_path).absolute())
@@ -128,11 +150,10 @@ def run_local(recipe_path: str, state_dir: str | None = None, run_id: str | None
     print(f"run        {run_id}  ->  {run_uri}\nMLflow     {info.mlflow_uri}", flush=True)
 
     pipeline = build_pipeline(recipe, recipe_path, RUNS_ROOT, DATA_ROOT)
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(state / "kfp" / run_id))
     started = time.monotonic()
     logs = state / "runs" / run_id / "logs"
     try:
-        with TaskConsole(logs, verbose=verbose):
+        with kfp_local_session(state / "kfp" / run_id), TaskConsole(logs, verbose=verbose):
             pipeline(run_id=run_id, gitops_repo=gitops_repo or local_gitops_repo(state), **(params or {}))
     except RuntimeError as err:
         gate = f"{run_uri}/evaluate/{recipe.evaluation.after_stages[-1]}/gate.json"
@@ -140,7 +161,6 @@ def run_local(recipe_path: str, state_dir: str | None = None, run_id: str | None
         raise PipelineFailed(f"{str(err).splitlines()[0]}\n{('gate: ' + reason) if reason else ''}\n"
                              f"resume with: onevision run --recipe {recipe_path} --run-id {run_id}") from None
     finally:
-        local.config.LocalExecutionConfig.instance = None
         try:
             log_task_logs(recipe_path, run_id, logs)
         except Exception as err:  # noqa: BLE001 - the logs stay on disk; the run's outcome must not change

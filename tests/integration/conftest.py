@@ -13,15 +13,13 @@ import yaml
 
 @pytest.fixture
 def kfp_local(tmp_path: Path) -> Iterator[Path]:
-    """kfp.local with the subprocess runner (this interpreter, cwd and environment); reset afterwards."""
-    from kfp import local
+    """kfp.local with the subprocess runner (this interpreter, cwd and environment); reset afterwards,
+    the builtin print included (pipelines.local.kfp_local_session)."""
+    from pipelines.local import kfp_local_session
 
     root = tmp_path / "pipeline_root"
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root))
-    try:
+    with kfp_local_session(root):
         yield root
-    finally:
-        local.config.LocalExecutionConfig.instance = None
 
 
 @pytest.fixture
