@@ -187,6 +187,10 @@ def make_args(recipe: Recipe, stage: StageSpec, stage_name: str, work: Path) -> 
         deepspeed=deepspeed_config(recipe, on_gpu), use_cpu=not on_gpu,
         include_num_input_tokens_seen="non_padding", disable_tqdm=True, eval_strategy="no",
         save_only_model=False, ddp_backend=None if on_gpu else "gloo",
+        # ZeRO 0 trains under DDP, which refuses a step where a parameter got no gradient. Some always
+        # get none (SigLIP's post_layernorm: the features are a hidden state taken before it), and a
+        # micro-batch of text alone leaves the vision tower and projector without one.
+        ddp_find_unused_parameters=recipe.training.zero_stage == 0,
     )
 
 

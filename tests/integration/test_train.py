@@ -91,6 +91,22 @@ def test_stage1_trains_only_the_projector_and_loss_falls(tmp_path: Path, curated
     assert storage.read_manifest(str(tmp_path / "s1" / "hf"))["metadata"]["steps"] == 6
 
 
+def test_zero0_is_plain_ddp_on_two_processes_with_parameters_that_get_no_gradient(tmp_path: Path, curated) -> None:
+    # ZeRO 0 trains under DDP. SigLIP's post_layernorm never gets a gradient (the features are a hidden
+    # state before it), and a text-only micro-batch leaves the whole vision side without one: DDP must be
+    # told, or it refuses the second step.
+    recipe = small_recipe(tmp_path, zero=0, steps=3, save_every=3, per_device=2, global_batch=4)
+    done, summary = train(recipe, "stage2_ov", curated["stage2_ov"], tmp_path / "z0", procs=2)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert len(summary["losses"]) == 3
+    from model.builder import build_tiny
+
+    before, after = build_tiny(load_recipe(recipe))[0].state_dict(), weights(tmp_path / "z0")
+    unused = [k for k in after if "post_layernorm" in k]
+    assert unused and all(torch.equal(before[k], after[k]) for k in unused)
+    assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith("model.vision_tower.encoder"))
+
+
 @pytest.mark.parametrize("stage,init", [("stage1_5", "stage1"), ("stage2_ov", "stage1")])
 def test_full_model_stages_train_everything(tmp_path: Path, curated, stage: str, init: str) -> None:
     recipe = small_recipe(tmp_path, steps=4, save_every=4)
