@@ -93,7 +93,8 @@ def bench_trainer_path(shape: str, layers: int, args: argparse.Namespace, device
         recipe_path = tmp / "recipe.yaml"
         recipe_path.write_text(yaml.safe_dump({
             "extends": str(ROOT / SHAPES[shape]["recipe"]),
-            "training": {"save_every_steps": 10**6, "packing": packing},
+            "training": {"save_every_steps": 10**6, "packing": packing,
+                         **({"zero_stage": args.trainer_zero_stage} if args.trainer_zero_stage is not None else {})},
             "curation": {"workers": 1 if args.cpu_smoke else 0},
             "stages": {args.stage: {"max_steps": steps, "epochs": 1, "per_device_batch_size": batch,
                                     "global_batch_size": batch, "data": data}}}))
