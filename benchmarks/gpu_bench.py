@@ -1,4 +1,4 @@
-"""GPU benchmark, one command on one GPU (sized for < 10 min; not yet run on one): training tokens/s + MFU
+"""GPU benchmark, one command on one GPU (--quick ran in under 5 min on an H200): training tokens/s + MFU
 of a 0.5B- and a 7B-shaped LLaVA-OneVision with the recipes' settings, both as a bare forward/backward
 loop and through the product's trainer (make_trainer, the recipe's ZeRO stage, the data pipeline:
 gpu_trainer_path.py), the same trainer on the OneVision-shaped mix padded vs packed (`training.packing`,
