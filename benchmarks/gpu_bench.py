@@ -417,6 +417,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="shapes also measured through make_trainer + the data pipeline (none: bare loops only)")
     parser.add_argument("--trainer-zero-stage", type=int, default=None, choices=(0, 1, 2, 3),
                         help="the make_trainer rows' ZeRO stage instead of the recipe's (0: no DeepSpeed)")
+    parser.add_argument("--profile-trainer", default=None, metavar="DIR",
+                        help="profile the make_trainer rows' last step (torch.profiler op tables to DIR; that step is not timed)")
     parser.add_argument("--mix-batch", type=int, default=4,
                         help="micro-batch of the OneVision-mix trainer rows, padded and packed (<= 1: no such rows)")
     parser.add_argument("--no-serving", action="store_true")

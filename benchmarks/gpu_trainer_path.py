@@ -59,6 +59,30 @@ def write_records(folder: Path, count: int, side: int, text_tokens: int, seed: i
     return path
 
 
+def profile_start(device: Any) -> Any:
+    """torch.profiler over CPU (and CUDA) activity, started now; stopped by profile_write."""
+    import torch
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    profiler = torch.profiler.profile(activities=activities)
+    profiler.start()
+    return profiler
+
+
+def profile_write(profiler: Any, path: Path) -> None:
+    """Stop `profiler`; write its op tables (by self CPU time, and by self device time on a GPU) to `path`."""
+    profiler.stop()
+    averages = profiler.key_averages()
+    tables = [averages.table(sort_by="self_cpu_time_total", row_limit=30)]
+    if any(getattr(e, "self_device_time_total", 0) for e in averages):
+        tables.append(averages.table(sort_by="self_device_time_total", row_limit=30))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n\n".join(tables) + "\n")
+    print(f"trainer step profile: {path}", flush=True)
+
+
 def bench_trainer_path(shape: str, layers: int, args: argparse.Namespace, device: Any, settings: dict,
                        mix: bool = False, packing: bool = False, shared: Path | None = None) -> dict[str, Any]:
     """tokens/s, model FLOP/s and MFU of `make_trainer(...).train()` on the `shape`'s recipe and stage.
@@ -81,7 +105,7 @@ def bench_trainer_path(shape: str, layers: int, args: argparse.Namespace, device
     tile = TINY["tile"] if args.cpu_smoke else base.model.image_size
     grid = grid_for(base_stage, base.model.tokens_per_tile)
     batch = args.mix_batch if mix else (args.batch or base_stage.per_device_batch_size)
-    steps = settings["warmup"] + settings["steps"]
+    steps = settings["warmup"] + settings["steps"] + (1 if args.profile_trainer else 0)  # + the profiled one
     tmp = Path(tempfile.mkdtemp(prefix="gpu-trainer-path-"))
     try:
         if mix:  # a few spare samples: curation may drop a duplicate
@@ -146,16 +170,27 @@ def bench_trainer_path(shape: str, layers: int, args: argparse.Namespace, device
 
         per_step: list[tuple[int, int]] = []
 
+        profiler = None
+        label = f"{shape}-{'mix-packed' if packing else 'mix-padded' if mix else 'uniform'}-zero{recipe.training.zero_stage}"
+
         class StepClock(TrainerCallback):
             def on_step_end(self, args_, state, control, **kwargs):
+                nonlocal profiler
                 sync(device)
                 marks.append(time.perf_counter())
                 per_step.append((counted["llm"], counted["vision"], counted["computed"]))
+                if args.profile_trainer and len(marks) == steps - 1:  # the last step, from this mark to its end
+                    profiler = profile_start(device)
+                elif profiler is not None and len(marks) == steps:
+                    profile_write(profiler, Path(args.profile_trainer) / f"trainer-step-{label}.txt")
 
         trainer = make_trainer(recipe, stage, args.stage, training_args, model, processor, train_set, None,
                                [StepClock()], on_batch=on_batch)
         trainer.train()
         warm = settings["warmup"]
+        if profiler is not None:  # the profiled step, one more than the settings ask for, ran slower: not timed
+            marks.pop()
+            per_step.pop()
         if len(marks) <= warm + 1:
             raise RuntimeError(f"trainer path: {len(marks)} steps ran, need more than {warm + 1}")
         spans = [b - a for a, b in zip(marks[warm:], marks[warm + 1:])]
