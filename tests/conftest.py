@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import builtins
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         parts = Path(str(item.fspath)).relative_to(ROOT / "tests").parts
         if parts[0] in ("integration", "e2e"):
             item.add_marker(getattr(pytest.mark, parts[0]))
+
+
+@pytest.fixture(autouse=True)
+def print_left_as_found() -> Iterator[None]:
+    """A test that leaves builtins.print swapped fails itself, instead of every later test's output
+    beginning with spaces (kfp.local's indenting print can stay installed: pipelines.local.kfp_local_session)."""
+    before = builtins.print
+    yield
+    if builtins.print is not before:
+        builtins.print = before
+        pytest.fail("this test left builtins.print swapped (a kfp.local run outside kfp_local_session?)")
 
 
 @pytest.fixture(scope="session")
